@@ -1,0 +1,39 @@
+"""tquant.kernels: the quantizer ops (Triton kernels, torch fast path, eager references).
+
+Every op has an eager reference in :mod:`tquant.kernels.reference` that defines its numerics;
+the torch path and the Triton kernels reproduce it bit for bit. Which implementation runs
+is chosen in one place, :mod:`tquant.kernels.backend` (``TQUANT_BACKEND=auto|torch|triton|reference``).
+This package imports only torch (and Triton when it is installed).
+"""
+
+from . import reference
+from .backend import BACKENDS, get_backend, set_backend, use_backend
+from .fake_quant import fake_quant, fake_quant_forward, fake_quant_range_grads
+from .range_update import (
+    ESTIMATOR_ALL,
+    ESTIMATOR_CURRENT,
+    ESTIMATOR_RUNNING,
+    batch_minmax,
+    finalize_range,
+    update_range,
+)
+from .reference import EPS, qparams_from_range
+
+__all__ = [
+    "BACKENDS",
+    "EPS",
+    "ESTIMATOR_ALL",
+    "ESTIMATOR_CURRENT",
+    "ESTIMATOR_RUNNING",
+    "batch_minmax",
+    "fake_quant",
+    "fake_quant_forward",
+    "fake_quant_range_grads",
+    "finalize_range",
+    "get_backend",
+    "qparams_from_range",
+    "reference",
+    "set_backend",
+    "update_range",
+    "use_backend",
+]

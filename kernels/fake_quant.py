@@ -1,0 +1,187 @@
+"""Fake quantization with a given range: the ``tquant::fake_quant`` op family.
+
+``fake_quant(x, delta, zero_float, signed, n_bits, symmetric, axis)`` computes
+``y = scale * (clamp(round(x / scale) + zp, qmin, qmax) - zp)`` (see ``reference.py`` for the
+conventions). It is one pass over ``x``. Backward:
+
+- ``x``: ``grad * mask`` where ``mask`` is the 1-byte in-range mask saved by the forward
+  (the input itself is not saved);
+- ``delta`` / ``zero_float`` (``learn_ranges``): the LSQ gradients autograd gives through the
+  reference expression, reduced per tensor or per channel; only then is ``x`` saved.
+
+Registered as ``torch.library`` custom ops with fake implementations, so quantized models
+run under ``torch.compile(fullgraph=True)`` and the ONNX exporter can find the op by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend
+from .reference import EPS, fake_quant_reference, grid_bounds, param_view
+
+__all__ = ["fake_quant", "fake_quant_forward", "fake_quant_range_grads"]
+
+
+def _qparams_fast(delta, zero_float, signed, n_bits, symmetric):
+    """(scale, zp or None, qmin, qmax) with the reference's values; zp is None when it is 0."""
+    scale = torch.clamp(delta.float(), min=EPS)
+    qmin, qmax = grid_bounds(n_bits, symmetric, signed)
+    if symmetric:
+        return scale, None, qmin, qmax
+    zp = torch.clamp(torch.round(zero_float.float()), 0.0, float(2**n_bits - 1))
+    return scale, zp, qmin, qmax
+
+
+def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
+    """Torch fast path: bit-identical to the reference, in place on one fp32 buffer."""
+    scale, zp, qmin, qmax = _qparams_fast(delta, zero_float, signed, n_bits, symmetric)
+    scale = param_view(scale, x, axis)
+    v = torch.div(x.float(), scale)
+    v.round_()
+    if zp is not None:
+        zp = param_view(zp, x, axis)
+        v.add_(zp)
+    mask = torch.logical_and(v >= qmin, v <= qmax) if with_mask else x.new_empty(0, dtype=torch.bool)
+    v.clamp_(qmin, qmax)
+    if zp is not None:
+        v.sub_(zp)
+    v.mul_(scale)
+    return v.to(x.dtype), mask
+
+
+def _fake_quant_impl(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
+    if backend.resolve(x) == "triton":
+        from ._triton_fake_quant import fake_quant_forward_triton
+
+        return fake_quant_forward_triton(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
+    return _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
+
+
+@torch.library.custom_op("tquant::fake_quant", mutates_args=())
+def fake_quant_forward(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    zero_float: torch.Tensor,
+    signed: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    axis: int,
+    with_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, mask)``: ``y`` like ``x``; ``mask`` bool like ``x`` (empty if not ``with_mask``)."""
+    return _fake_quant_impl(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
+
+
+@fake_quant_forward.register_fake
+def _(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
+    mask = torch.empty_like(x, dtype=torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
+    return torch.empty_like(x), mask
+
+
+def _range_grads_torch(grad, x, delta, zero_float, signed, n_bits, symmetric, axis):
+    """LSQ gradients of ``delta`` and ``zero_float`` (shapes of ``delta``), recomputed from ``x``."""
+    scale, zp, qmin, qmax = _qparams_fast(delta, zero_float, signed, n_bits, symmetric)
+    s = param_view(scale, x, axis)
+    xs = x.float() / s
+    v = torch.round(xs)
+    if zp is not None:
+        v = v + param_view(zp, x, axis)
+    inside = (v >= qmin) & (v <= qmax)
+    c = torch.clamp(v, qmin, qmax)
+    if zp is not None:
+        c = c - param_view(zp, x, axis)
+    g = grad.float()
+    # y = s * (c - zp): dy/ds = (c - zp) - inside * x / s ; dy/dzp = s * (inside - 1)
+    g_scale_el = g * torch.where(inside, c - xs, c)
+    dims = tuple(range(1, x.dim())) if axis >= 0 else tuple(range(x.dim()))
+    g_scale = g_scale_el.sum(dim=dims) if dims else g_scale_el
+    grad_delta = (g_scale * (delta >= EPS)).to(delta.dtype)
+    if zp is None:
+        return grad_delta, torch.zeros_like(zero_float)
+    g_zp_el = torch.where(inside, torch.zeros_like(g), -g) * s
+    g_zp = g_zp_el.sum(dim=dims) if dims else g_zp_el
+    rz = torch.round(zero_float.float())
+    grad_zf = (g_zp * ((rz >= 0) & (rz <= float(2**n_bits - 1)))).to(zero_float.dtype)
+    return grad_delta, grad_zf
+
+
+@torch.library.custom_op("tquant::fake_quant_range_grads", mutates_args=())
+def fake_quant_range_grads(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    zero_float: torch.Tensor,
+    signed: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    axis: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_delta, grad_zero_float)`` of ``fake_quant`` for learned ranges."""
+    if backend.resolve(x) == "triton":
+        from ._triton_fake_quant import fake_quant_range_grads_triton
+
+        return fake_quant_range_grads_triton(grad, x, delta, zero_float, signed, n_bits, symmetric, axis)
+    return _range_grads_torch(grad, x, delta, zero_float, signed, n_bits, symmetric, axis)
+
+
+@fake_quant_range_grads.register_fake
+def _(grad, x, delta, zero_float, signed, n_bits, symmetric, axis):
+    return torch.empty_like(delta), torch.empty_like(zero_float)
+
+
+def _setup_context(ctx, inputs, output):
+    x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask = inputs
+    _, mask = output
+    ctx.learn = delta.requires_grad or zero_float.requires_grad
+    ctx.args = (n_bits, symmetric, axis)
+    if ctx.learn:
+        ctx.save_for_backward(mask, x, delta, zero_float, signed)
+    else:
+        ctx.save_for_backward(mask)
+
+
+def _backward(ctx, grad_y, grad_mask):
+    mask = ctx.saved_tensors[0]
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y * mask
+    grad_delta = grad_zf = None
+    if ctx.learn:
+        _, x, delta, zero_float, signed = ctx.saved_tensors
+        grad_delta, grad_zf = fake_quant_range_grads(grad_y, x, delta, zero_float, signed, *ctx.args)
+    return grad_x, grad_delta, grad_zf, None, None, None, None, None
+
+
+fake_quant_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fake_quant(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    zero_float: torch.Tensor,
+    signed: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    axis: int = -1,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with a fixed range; differentiable in ``x``, ``delta``, ``zero_float``.
+
+    Args:
+        x: any shape, fp32/fp16/bf16, any strides; per-channel needs ``x.dim() >= 1``.
+        delta, zero_float: fp32, 0-dim (``axis=-1``) or ``[x.shape[0]]`` (``axis=0``).
+        signed: bool 0-dim (symmetric grids only; ignored when asymmetric).
+    Returns:
+        ``y`` of ``x``'s shape and dtype. Backward saves a 1-byte mask, plus ``x`` only when
+        ``delta`` or ``zero_float`` requires grad.
+
+    Example:
+        >>> d = torch.tensor(0.1); z = torch.tensor(0.0); s = torch.tensor(True)
+        >>> fake_quant(torch.tensor([0.26, -0.05]), d, z, s, n_bits=8, symmetric=True)
+        tensor([0.3000, -0.0000])
+    """
+    if backend.resolve(x) == "reference":
+        return fake_quant_reference(x, delta, zero_float, signed, n_bits, symmetric, axis)
+    with_mask = torch.is_grad_enabled() and x.requires_grad
+    y, _ = fake_quant_forward(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
+    return y

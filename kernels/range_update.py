@@ -1,0 +1,164 @@
+"""Range estimation for the min/max estimators: the ``tquant::update_range`` op family.
+
+One call does what aihwkit spreads over a range estimator and ``set_quant_range``:
+
+1. the batch range: min and max of the finite values of ``x`` (per tensor or per channel);
+2. the running range: ``current`` (this batch), ``all`` (min of mins, max of maxes) or
+   ``running`` (``(1 - m) * batch + m * old``); the first batch always sets it;
+3. the quantizer parameters from the running range (clamp to ``x_min <= 0 < x_max``,
+   symmetric sign, ``delta``, ``zero_float``), written in place.
+
+No host synchronisation on the Triton path and on CUDA; ``first`` is a Python fact the
+caller knows (its range buffers are new). Non-finite values never reach the scale: they are
+left out of the batch range, and a batch without a finite value leaves the running range as
+it was (or gives the safe range ``[0, EPS]`` on a first batch).
+
+``batch_minmax`` and ``finalize_range`` are the two halves, for callers that must combine
+the batch range across processes (``tquant.convert_sync_ranges``) before the update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend
+from .reference import (
+    ESTIMATOR_ALL,
+    ESTIMATOR_CURRENT,
+    ESTIMATOR_RUNNING,
+    batch_minmax_reference,
+    qparams_from_range,
+    update_range_reference,
+)
+
+__all__ = [
+    "ESTIMATOR_ALL",
+    "ESTIMATOR_CURRENT",
+    "ESTIMATOR_RUNNING",
+    "batch_minmax",
+    "finalize_range",
+    "update_range",
+]
+
+
+def _batch_minmax_torch(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``aminmax`` pass; a second, masked pass only when the result is not finite."""
+    xd = x.detach()
+    rows = 1 if axis < 0 else x.shape[0]
+    if xd.numel() == 0 or rows == 0:
+        return batch_minmax_reference(xd, axis)
+    flat = xd.reshape(-1) if axis < 0 else xd.reshape(rows, -1)
+    bmin, bmax = torch.aminmax(flat) if axis < 0 else torch.aminmax(flat, dim=1)
+    bmin, bmax = bmin.float(), bmax.float()
+    finite = torch.isfinite(bmin) & torch.isfinite(bmax)
+    if xd.device.type == "cpu":
+        # On the CPU a value check costs no device round trip: pay the masked pass only if needed.
+        if bool(finite.all()):
+            return bmin, bmax
+        return batch_minmax_reference(xd, axis)
+    mmin, mmax = batch_minmax_reference(xd, axis)
+    return torch.where(finite, bmin, mmin), torch.where(finite, bmax, mmax)
+
+
+def _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
+                    estimator, momentum, first):
+    new_min, new_max = update_range_reference(bmin, bmax, range_min, range_max, estimator, momentum, first)
+    d, z, s = qparams_from_range(new_min, new_max, n_bits, symmetric)
+    range_min.copy_(new_min)
+    range_max.copy_(new_max)
+    delta.copy_(d)
+    zero_float.copy_(z)
+    signed.copy_(s)
+
+
+@torch.library.custom_op("tquant::batch_minmax", mutates_args=())
+def batch_minmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max (fp32) of the finite values of ``x``: 0-dim (``axis=-1``) or ``[C]`` (``axis=0``)."""
+    impl = backend.resolve(x)
+    if impl == "triton":
+        from ._triton_range import batch_minmax_triton
+
+        return batch_minmax_triton(x, axis)
+    if impl == "reference":
+        return batch_minmax_reference(x, axis)
+    return _batch_minmax_torch(x, axis)
+
+
+@batch_minmax.register_fake
+def _(x, axis):
+    shape = () if axis < 0 else (x.shape[0],)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "tquant::finalize_range", mutates_args=("range_min", "range_max", "delta", "zero_float", "signed")
+)
+def finalize_range(
+    bmin: torch.Tensor,
+    bmax: torch.Tensor,
+    range_min: torch.Tensor,
+    range_max: torch.Tensor,
+    delta: torch.Tensor,
+    zero_float: torch.Tensor,
+    signed: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    estimator: int,
+    momentum: float,
+    first: bool,
+) -> None:
+    """Update the running range from a batch range and write the quantizer parameters in place."""
+    _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
+                    estimator, momentum, first)
+
+
+@finalize_range.register_fake
+def _(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, estimator, momentum,
+      first):
+    return None
+
+
+@torch.library.custom_op(
+    "tquant::update_range", mutates_args=("range_min", "range_max", "delta", "zero_float", "signed")
+)
+def update_range(
+    x: torch.Tensor,
+    range_min: torch.Tensor,
+    range_max: torch.Tensor,
+    delta: torch.Tensor,
+    zero_float: torch.Tensor,
+    signed: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    axis: int,
+    estimator: int,
+    momentum: float,
+    first: bool,
+) -> None:
+    """Estimate the range of ``x`` and set the quantizer parameters, all in place.
+
+    Args:
+        x: the tensor to be quantized (any shape, dtype, strides); not modified.
+        range_min, range_max: fp32 running range, 0-dim or ``[C]``; read unless ``first``.
+        delta, zero_float: fp32 quantizer parameters of the same shape, overwritten.
+        signed: bool 0-dim, overwritten (symmetric sign; False for asymmetric quantizers).
+        estimator: ``ESTIMATOR_CURRENT``, ``ESTIMATOR_ALL`` or ``ESTIMATOR_RUNNING``.
+        momentum: EMA momentum ``m`` of the running estimator.
+        first: the range buffers hold no range yet (this batch sets them).
+    """
+    impl = backend.resolve(x)
+    if impl == "triton":
+        from ._triton_range import update_range_triton
+
+        update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis,
+                            estimator, momentum, first)
+        return
+    bmin, bmax = batch_minmax_reference(x, axis) if impl == "reference" else _batch_minmax_torch(x, axis)
+    _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
+                    estimator, momentum, first)
+
+
+@update_range.register_fake
+def _(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum,
+      first):
+    return None

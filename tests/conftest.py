@@ -1,0 +1,35 @@
+"""Test set-up: Triton runs in interpreter mode on machines without CUDA.
+
+``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so it is set here,
+before any test module imports ``tquant``.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import tquant.kernels as K  # noqa: E402
+from tquant.kernels._triton import HAS_TRITON  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts and ends on the backend the environment selected."""
+    previous = K.get_backend()
+    yield
+    K.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
