@@ -1,0 +1,220 @@
+"""Uniform quantizers: the parameters of one quantizer and its fake-quantization forward.
+
+State (aihwkit-compatible names, so checkpoints keep their keys):
+
+- ``_delta`` (``nn.Parameter``, fp32, ``requires_grad=False`` until ``learn_ranges``): 0-dim per
+  tensor, ``[C]`` per channel (dim 0); NaN while uninitialised. ``scale = max(delta, eps)``.
+- asymmetric: ``_zero_float`` (``nn.Parameter``), ``zp = clamp(round(zero_float), 0, 2^b - 1)``.
+- symmetric: ``_signed`` (bool buffer, one flag per quantizer): grid ``[-2^(b-1), 2^(b-1) - 1]``
+  when the range reaches below zero, else ``[0, 2^b - 1]``.
+
+Whether a range was ever set is also tracked on the host (``is_initialized``), so the hot
+path never reads tensor values. The math lives in :mod:`tquant.kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import kernels
+from .errors import QuantizerNotInitializedError
+from .kernels.reference import EPS, grid_bounds, scale_and_zero_point
+
+
+class QuantizerBase(nn.Module):
+    """Common state and behaviour of the symmetric and asymmetric uniform quantizers."""
+
+    symmetric: bool = True
+
+    def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
+                 eps: float = EPS):
+        super().__init__()
+        if scale_domain != "linear":
+            raise ValueError(f"{type(self).__name__}.scale_domain: only 'linear' is supported, got {scale_domain!r}")
+        if axis not in (None, 0):
+            raise ValueError(f"{type(self).__name__}.axis: only per-channel along dim 0 is supported, got {axis!r}")
+        if eps != EPS:
+            raise ValueError(f"{type(self).__name__}.eps: tquant's kernels use eps={EPS}, got {eps!r}")
+        self.n_bits = n_bits
+        self.scale_domain = scale_domain
+        self.per_channel = per_channel or axis == 0
+        self.axis = axis
+        self.eps = eps
+        self.layer_name = ""
+        self._initialized = False
+        self._delta = nn.Parameter(torch.tensor(math.nan), requires_grad=False)
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def kernel_axis(self) -> int:
+        """``0`` for per-channel parameters, ``-1`` per tensor (the ops' ``axis`` argument)."""
+        return 0 if self.per_channel else -1
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._initialized
+
+    def _require_initialized(self) -> None:
+        if not self._initialized:
+            raise QuantizerNotInitializedError(self.layer_name)
+
+    def ensure_state(self, shape: tuple, device: torch.device) -> None:
+        """Give the parameters ``shape`` on ``device`` (fresh values) when they differ (no sync)."""
+        if tuple(self._delta.shape) == tuple(shape) and self._delta.device == device:
+            return
+        with torch.no_grad():
+            self._delta.data = torch.full(shape, math.nan, device=device)
+            self._zero_float.data = torch.zeros(shape, device=device)
+            self._signed = torch.zeros((), dtype=torch.bool, device=device)
+
+    def mark_initialized(self) -> None:
+        self._initialized = True
+
+    @property
+    def delta(self) -> torch.Tensor:
+        self._require_initialized()
+        return self._delta
+
+    @property
+    def zero_float(self) -> torch.Tensor:
+        self._require_initialized()
+        return self._zero_float
+
+    @property
+    def signed(self) -> bool:
+        self._require_initialized()
+        return bool(self._signed)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.clamp(self.delta, min=self.eps)
+
+    @property
+    def zero_point(self) -> torch.Tensor:
+        self._require_initialized()
+        return scale_and_zero_point(self._delta, self._zero_float, self.n_bits, self.symmetric)[1]
+
+    @property
+    def int_min(self) -> float:
+        self._require_initialized()
+        return float(grid_bounds(self.n_bits, self.symmetric, self._signed)[0])
+
+    @property
+    def int_max(self) -> float:
+        self._require_initialized()
+        return float(grid_bounds(self.n_bits, self.symmetric, self._signed)[1])
+
+    @property
+    def x_min(self) -> torch.Tensor:
+        return self.scale * (self.int_min - self.zero_point)
+
+    @property
+    def x_max(self) -> torch.Tensor:
+        return self.scale * (self.int_max - self.zero_point)
+
+    def set_quant_range(self, x_min, x_max) -> None:
+        """Set the range (floats or fp32 tensors, 0-dim or ``[C]`` per channel); see DESIGN §3."""
+        device = self._delta.device
+        x_min = torch.as_tensor(x_min, dtype=torch.float32, device=device if not torch.is_tensor(x_min) else None)
+        x_max = torch.as_tensor(x_max, dtype=torch.float32, device=x_min.device)
+        if x_min.dim() > 0 and x_min.numel() > 1 and not self.per_channel:
+            raise ValueError(
+                f"{self.layer_name or type(self).__name__}: x_min and x_max must be a float or a 1-element "
+                "tensor for per-tensor quantization (per_channel=False)"
+            )
+        if not self.per_channel and x_min.dim() > 0:
+            x_min, x_max = x_min.reshape(()), x_max.reshape(())
+        delta, zero_float, signed = kernels.qparams_from_range(x_min, x_max, self.n_bits, self.symmetric)
+        self.ensure_state(tuple(delta.shape), delta.device)
+        with torch.no_grad():
+            self._delta.copy_(delta)
+            self._zero_float.copy_(zero_float)
+            self._signed.copy_(signed)
+        self._initialized = True
+
+    def make_range_trainable(self) -> None:
+        self._delta.requires_grad_(True)
+
+    def reset(self) -> None:
+        """Back to uninitialised (keeps the same ``Parameter`` objects)."""
+        with torch.no_grad():
+            self._delta.data = torch.tensor(math.nan, device=self._delta.device)
+            self._zero_float.data = torch.zeros((), device=self._delta.device)
+            self._signed = torch.zeros((), dtype=torch.bool, device=self._delta.device)
+        self._initialized = False
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x_float: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize with the current range (``x``'s shape and dtype)."""
+        self._require_initialized()
+        return kernels.fake_quant(
+            x_float, self._delta, self._zero_float, self._signed, self.n_bits, self.symmetric, self.kernel_axis
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        delta = state_dict.get(prefix + "_delta")
+        if delta is not None:
+            with torch.no_grad():
+                self._delta.data = torch.empty(delta.shape, device=self._delta.device)
+                self._zero_float.data = torch.zeros(delta.shape, device=self._delta.device)
+            self._initialized = bool(not torch.isnan(delta).all()) if delta.numel() else True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        optional = [prefix + "_signed"] if not self.symmetric else []
+        if prefix + "_signed" not in state_dict and delta is not None and not self._initialized:
+            optional.append(prefix + "_signed")  # aihwkit omits it for uninitialised quantizers
+        for key in optional:
+            if key in missing_keys:
+                missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_bits={self.n_bits}, per_channel={self.per_channel}, symmetric={self.symmetric}, "
+            f"is_initialized={self.is_initialized}"
+        )
+
+
+class SymmetricUniformQuantizer(QuantizerBase):
+    """Symmetric quantizer: ``zp = 0``; signed or unsigned grid chosen by the data's sign."""
+
+    symmetric = True
+
+    def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
+                 eps: float = EPS):
+        super().__init__(n_bits, scale_domain, per_channel, axis, eps)
+        self.register_buffer("_signed", torch.zeros((), dtype=torch.bool), persistent=True)
+        self.register_buffer("_zero_float", torch.zeros(()), persistent=False)
+
+
+class AsymmetricUniformQuantizer(QuantizerBase):
+    """Asymmetric quantizer: grid ``[0, 2^b - 1]`` with a learned-or-estimated zero point."""
+
+    symmetric = False
+
+    def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
+                 eps: float = EPS):
+        super().__init__(n_bits, scale_domain, per_channel, axis, eps)
+        self._zero_float = nn.Parameter(torch.tensor(math.nan), requires_grad=False)
+        self.register_buffer("_signed", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    def make_range_trainable(self) -> None:
+        self._delta.requires_grad_(True)
+        self._zero_float.requires_grad_(True)
+
+    def reset(self) -> None:
+        super().reset()
+        with torch.no_grad():
+            self._zero_float.data = torch.tensor(math.nan, device=self._delta.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        zf = state_dict.get(prefix + "_zero_float")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if zf is not None and zf.shape != self._zero_float.shape:
+            error_msgs.append(f"{prefix}_zero_float: shape {tuple(zf.shape)} does not match _delta")

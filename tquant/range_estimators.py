@@ -1,0 +1,256 @@
+"""Range estimators: how a quantizer's ``[x_min, x_max]`` follows the data.
+
+Each estimator is an ``nn.Module`` with aihwkit's interface: ``forward(x) -> (x_min, x_max)``
+updates and returns ``current_xmin`` / ``current_xmax`` (buffers, ``None`` until the first
+batch, saved in ``state_dict``), ``reset()`` forgets them.
+
+The min/max family (``current_minmax`` without percentile, ``allminmax``, ``running_minmax``)
+also has :meth:`RangeEstimatorBase.fused_update`, which the quantization manager calls on the
+hot path: one ``tquant::update_range`` op estimates the range and writes the quantizer's
+parameters in place, with no host synchronisation (two passes in total with the fake quant).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import OptMethod, RangeEstimators
+from .kernels.reference import update_range_reference
+
+
+class RangeEstimatorBase(nn.Module):
+    """Base class. ``per_channel`` ranges are along dim 0; ``quantizer`` gives the search
+    estimators the bits and symmetry (it is not registered as a submodule)."""
+
+    fused_code: int | None = None
+    """The ``tquant::update_range`` estimator code, or None when this estimator is not fusable."""
+
+    def __init__(self, per_channel: bool = False, quantizer=None, axis=None, n_groups=None):
+        super().__init__()
+        if axis not in (None, 0):
+            raise ValueError(f"{type(self).__name__}.axis: only dim 0 is supported, got {axis!r}")
+        if n_groups is not None:
+            raise ValueError(f"{type(self).__name__}.n_groups: grouped ranges are not supported")
+        self.register_buffer("current_xmin", None)
+        self.register_buffer("current_xmax", None)
+        self.per_channel = per_channel or axis == 0
+        self.axis = axis
+        self.n_groups = n_groups
+        self.per_group_range_estimation = False
+        self._quantizer = (quantizer,)  # a tuple keeps it out of the module tree and the state_dict
+
+    @property
+    def quantizer(self):
+        return self._quantizer[0]
+
+    @property
+    def kernel_axis(self) -> int:
+        return 0 if self.per_channel else -1
+
+    @property
+    def momentum(self) -> float:
+        return 0.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.current_xmin = None
+        self.current_xmax = None
+
+    def _range_buffers(self, shape: tuple, device: torch.device) -> bool:
+        """Make sure the range buffers exist with ``shape``; True when they are new (first batch)."""
+        cur = self.current_xmin
+        if cur is not None and tuple(cur.shape) == tuple(shape) and cur.device == device:
+            return False
+        if cur is not None and self.fused_code != kernels.ESTIMATOR_CURRENT:
+            raise ValueError(
+                f"{type(self).__name__}: the range shape changed from {tuple(cur.shape)} to {tuple(shape)} "
+                "(per-channel ranges need the same number of channels in every batch)"
+            )
+        self.current_xmin = torch.empty(shape, device=device)
+        self.current_xmax = torch.empty(shape, device=device)
+        return True
+
+    def fused_update(self, x: torch.Tensor, quantizer, process_group=None, sync: bool = False) -> None:
+        """Estimate the range of ``x`` and write ``quantizer``'s parameters (no host sync)."""
+        shape = (x.shape[0],) if self.per_channel else ()
+        first = self._range_buffers(shape, x.device)
+        quantizer.ensure_state(shape, x.device)
+        args = (self.current_xmin, self.current_xmax, quantizer._delta, quantizer._zero_float, quantizer._signed)
+        with torch.no_grad():
+            if sync:
+                bmin, bmax = kernels.batch_minmax(x, self.kernel_axis)
+                _all_reduce_range(bmin, bmax, process_group)
+                kernels.finalize_range(bmin, bmax, *args, quantizer.n_bits, quantizer.symmetric, self.fused_code,
+                                       self.momentum, first)
+            else:
+                kernels.update_range(x, *args, quantizer.n_bits, quantizer.symmetric, self.kernel_axis,
+                                     self.fused_code, self.momentum, first)
+        quantizer.mark_initialized()
+
+    def _minmax_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bmin, bmax = kernels.batch_minmax(x.detach(), self.kernel_axis)
+        first = self.current_xmin is None
+        new_min, new_max = update_range_reference(
+            bmin, bmax, self.current_xmin, self.current_xmax, self.fused_code, self.momentum, first
+        )
+        self.current_xmin, self.current_xmax = new_min, new_max
+        return new_min, new_max
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("current_xmin", "current_xmax"):
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                setattr(self, name, torch.empty_like(value, device=self._buffer_device(value)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _buffer_device(self, fallback: torch.Tensor) -> torch.device:
+        q = self.quantizer
+        return q._delta.device if q is not None else fallback.device
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return f"per_channel={self.per_channel}"
+
+
+def _all_reduce_range(bmin: torch.Tensor, bmax: torch.Tensor, process_group) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bmin, op=dist.ReduceOp.MIN, group=process_group)
+        dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=process_group)
+
+
+class CurrentMinMaxEstimator(RangeEstimatorBase):
+    """The range of the current batch; ``percentile`` p clips the lower and upper p% tails.
+
+    Unlike aihwkit (whose per-tensor percentile ignores the upper tail and runs in numpy on
+    the host), both tails are clipped, with exact percentiles computed on the device.
+    """
+
+    def __init__(self, percentile: float | None = None, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if percentile is not None and not 0 <= percentile < 50:
+            raise ValueError(f"CurrentMinMaxEstimator.percentile must be in [0, 50), got {percentile!r}")
+        self.percentile = percentile
+        self.fused_code = kernels.ESTIMATOR_CURRENT if not percentile else None
+
+    def forward(self, x):
+        if self.percentile:
+            from .kernels.range_search import percentile_range
+
+            self.current_xmin, self.current_xmax = percentile_range(x.detach(), self.percentile, self.kernel_axis)
+            return self.current_xmin, self.current_xmax
+        return self._minmax_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"per_channel={self.per_channel}, percentile={self.percentile}"
+
+
+class AllMinMaxEstimator(RangeEstimatorBase):
+    """The min of the minima and the max of the maxima over every batch seen."""
+
+    fused_code = kernels.ESTIMATOR_ALL
+
+    def forward(self, x):
+        return self._minmax_forward(x)
+
+
+class RunningMinMaxEstimator(RangeEstimatorBase):
+    """Exponential moving average of the batch ranges: ``new = (1 - m) * batch + m * old``."""
+
+    fused_code = kernels.ESTIMATOR_RUNNING
+
+    def __init__(self, momentum: float = 0.9, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"RunningMinMaxEstimator.momentum must be in [0, 1), got {momentum!r}")
+        self._momentum = float(momentum)
+
+    @property
+    def momentum(self) -> float:
+        return self._momentum
+
+    def forward(self, x):
+        return self._minmax_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"per_channel={self.per_channel}, momentum={self.momentum}"
+
+
+class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
+    """Search the clipping range that minimises the quantization MSE.
+
+    ``OptMethod.grid``: ``num_candidates`` symmetric thresholds (plus integer skews for an
+    asymmetric quantizer of two-sided data), losses accumulated over every batch seen;
+    ``OptMethod.golden_section``: a golden-section search on the current batch. The search
+    space is fixed by the first batch (``range_margin`` beyond its largest magnitude).
+    """
+
+    loss_name = "mse"
+
+    def __init__(self, num_candidates: int = 100, opt_method: OptMethod = OptMethod.grid, range_margin: float = 0.5,
+                 *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.quantizer is None:
+            raise ValueError(f"{type(self).__name__} needs the quantizer it estimates for (quantizer=...)")
+        if not isinstance(opt_method, OptMethod):
+            raise ValueError(f"{type(self).__name__}.opt_method must be an OptMethod, got {opt_method!r}")
+        self.opt_method = opt_method
+        self.num_candidates = num_candidates
+        self.range_margin = range_margin
+        self.space = None
+        self.loss_array = None
+
+    def forward(self, x):
+        from .kernels import range_search as rs
+
+        q = self.quantizer
+        data = x.detach()
+        if self.space is None:
+            self.space = rs.define_search_space(data, q.n_bits, q.symmetric, self.per_channel, self.num_candidates,
+                                                self.range_margin)
+        if self.opt_method == OptMethod.grid:
+            losses = rs.grid_losses(data, self.space, q.n_bits, q.symmetric, loss=self.loss_name)
+            self.loss_array = losses if self.loss_array is None else self.loss_array + losses
+            x_min, x_max = rs.best_range(self.loss_array, self.space, q.n_bits)
+        else:
+            x_min, x_max = rs.golden_section_range(data, self.space, q.n_bits, q.symmetric, loss=self.loss_name)
+        if not self.per_channel:
+            x_min, x_max = x_min.reshape(()), x_max.reshape(())
+        self.current_xmin, self.current_xmax = x_min, x_max
+        return x_min, x_max
+
+    def reset(self) -> None:
+        super().reset()
+        self.space = None
+        self.loss_array = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"per_channel={self.per_channel}, opt_method={self.opt_method.name}, "
+            f"num_candidates={self.num_candidates}, range_margin={self.range_margin}"
+        )
+
+
+class CrossEntropyEstimator(MSE_Estimator):
+    """Like :class:`MSE_Estimator`, minimising ``sum(-softmax(x) * log_softmax(q(x)))`` over dim 1."""
+
+    loss_name = "cross_entropy"
+
+
+ESTIMATOR_CLASSES = {
+    RangeEstimators.current_minmax: CurrentMinMaxEstimator,
+    RangeEstimators.allminmax: AllMinMaxEstimator,
+    RangeEstimators.running_minmax: RunningMinMaxEstimator,
+    RangeEstimators.MSE: MSE_Estimator,
+    RangeEstimators.cross_entropy: CrossEntropyEstimator,
+}
+SEARCH_ESTIMATORS = (RangeEstimators.MSE, RangeEstimators.cross_entropy)
