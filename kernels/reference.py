@@ -150,7 +150,8 @@ def batch_minmax_reference(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tenso
     ``(+inf, -inf)``, which the range update and ``qparams_from_range`` turn into a safe range.
     """
     xf = x.detach().float()
-    flat = xf.reshape(1, -1) if axis < 0 else xf.reshape(x.shape[0], -1)
+    rows = 1 if axis < 0 else x.shape[0]
+    flat = xf.reshape(rows, xf.numel() // rows if rows else 0)
     finite = torch.isfinite(flat)
     inf = torch.tensor(float("inf"), device=x.device)
     if flat.shape[1] == 0:

@@ -33,3 +33,14 @@ def _restore_backend():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+MODEL_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.fixture(params=MODEL_BACKENDS)
+def backend(request):
+    """Run a model-level test on each backend: the torch path, and the Triton kernels
+    (compiled on a GPU, the interpreter on CPU tensors)."""
+    with K.use_backend(request.param):
+        yield request.param

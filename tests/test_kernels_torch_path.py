@@ -1,0 +1,150 @@
+"""The torch fast path of every quantizer op against the eager reference (bit for bit)."""
+
+import pytest
+import torch
+from helpers import GRAD_TOL, state_from_range, tie_values
+
+import tquant.kernels as K
+from tquant.kernels import reference as ref
+
+SHAPES = [pytest.param((0,), id="n0"), pytest.param((1,), id="n1"), pytest.param((7,), id="n7"),
+          pytest.param((3, 5), id="3x5"), pytest.param((4, 3, 2, 2), id="4x3x2x2")]
+BITS = [2, 4, 8, 16]
+
+
+def _state(x, n_bits, symmetric, axis):
+    bmin, bmax = ref.batch_minmax_reference(x, axis)
+    return ref.qparams_from_range(bmin, bmax, n_bits, symmetric)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n_bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fake_quant_matches_reference(shape, n_bits, symmetric, axis, dtype):
+    x = (torch.randn(shape) * 3 + 0.5).to(dtype)
+    d, z, s = _state(x, n_bits, symmetric, axis)
+    with K.use_backend("torch"):
+        y = K.fake_quant(x, d, z, s, n_bits, symmetric, axis)
+    expected = ref.fake_quant_reference(x, d, z, s, n_bits, symmetric, axis)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_bits", BITS)
+@pytest.mark.parametrize("signed_range", [(-1.0, 1.0), (0.0, 2.0)], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_ties_round_half_to_even(n_bits, signed_range, symmetric):
+    d, z, s = state_from_range(*signed_range, n_bits, symmetric)
+    x = tie_values(float(d), n_bits)
+    codes = ref.quantize_reference(x, d, z, s, n_bits, symmetric)
+    zp = torch.clamp(torch.round(z), 0, 2**n_bits - 1) if not symmetric else torch.tensor(0.0)
+    qmin, qmax = ref.grid_bounds(n_bits, symmetric, s)
+    half = x / torch.clamp(d, min=ref.EPS)
+    expected = torch.clamp(torch.round(half) + zp, qmin, qmax).to(torch.int64)
+    assert torch.equal(codes, expected)
+    # a tie goes to the even neighbour (checked where x/scale lands exactly on .5)
+    exact_half = (half - torch.floor(half)) == 0.5
+    inside = (codes > qmin) & (codes < qmax)
+    assert torch.all((codes[exact_half & inside] - zp.long()) % 2 == 0)
+    with K.use_backend("torch"):
+        y = K.fake_quant(x, d, z, s, n_bits, symmetric)
+    assert torch.equal(y, ref.fake_quant_reference(x, d, z, s, n_bits, symmetric))
+
+
+def test_strided_input_matches_contiguous():
+    base = torch.randn(6, 10)
+    x = base[:, ::3]
+    d, z, s = _state(x, 8, False, 0)
+    with K.use_backend("torch"):
+        y = K.fake_quant(x, d, z, s, 8, False, 0)
+    torch.testing.assert_close(y, ref.fake_quant_reference(x.contiguous(), d, z, s, 8, False, 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
+def test_ste_and_learned_range_gradients_match_autograd_of_reference(symmetric, axis):
+    x = torch.randn(6, 9) * 2 + 0.3
+    d, z, s = _state(x, 4, symmetric, axis)
+    d = (d * 0.7).detach()  # a range narrower than the data: some values clamp
+    grad = torch.randn_like(x)
+
+    def run(fn):
+        xx = x.clone().requires_grad_(True)
+        dd = d.clone().requires_grad_(True)
+        zz = z.clone().requires_grad_(not symmetric)
+        fn(xx, dd, zz, s, 4, symmetric, axis).backward(grad)
+        return xx.grad, dd.grad, zz.grad
+
+    with K.use_backend("torch"):
+        got = run(K.fake_quant)
+    want = run(ref.fake_quant_reference)
+    torch.testing.assert_close(got[0], want[0], **GRAD_TOL[torch.float32])
+    torch.testing.assert_close(got[1], want[1], **GRAD_TOL[torch.float32])
+    if not symmetric:
+        torch.testing.assert_close(got[2], want[2], **GRAD_TOL[torch.float32])
+    assert (got[0] == 0).any(), "some values must fall outside the grid in this case"
+
+
+@pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
+@pytest.mark.parametrize("estimator", [K.ESTIMATOR_CURRENT, K.ESTIMATOR_ALL, K.ESTIMATOR_RUNNING],
+                         ids=["current", "all", "running"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_update_range_matches_reference(axis, estimator, symmetric):
+    shape = () if axis < 0 else (4,)
+    state = [torch.empty(shape), torch.empty(shape), torch.empty(shape), torch.empty(shape),
+             torch.zeros((), dtype=torch.bool)]
+    old_min = old_max = None
+    for step in range(3):
+        x = torch.randn(4, 6) * (step + 1) + step
+        with K.use_backend("torch"):
+            K.update_range(x, *state, 8, symmetric, axis, estimator, 0.9, step == 0)
+        bmin, bmax = ref.batch_minmax_reference(x, axis)
+        old_min, old_max = ref.update_range_reference(bmin, bmax, old_min, old_max, estimator, 0.9, step == 0)
+        d, z, s = ref.qparams_from_range(old_min, old_max, 8, symmetric)
+        for got, want in zip(state, (old_min, old_max, d, z, s)):
+            assert torch.equal(got, want)
+
+
+def test_running_average_formula_and_signed_flag():
+    state = [torch.empty(()) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+    K.update_range(torch.tensor([0.0, 2.0]), *state, 8, True, -1, K.ESTIMATOR_RUNNING, 0.9, True)
+    assert not state[4] and state[1] == 2.0
+    K.update_range(torch.tensor([-1.0, 4.0]), *state, 8, True, -1, K.ESTIMATOR_RUNNING, 0.9, False)
+    assert state[0] == (1 - 0.9) * torch.tensor(-1.0) + 0.9 * torch.tensor(0.0)
+    assert state[1] == (1 - 0.9) * torch.tensor(4.0) + 0.9 * torch.tensor(2.0)
+    assert state[4], "a range below zero makes the symmetric grid signed"
+    assert state[2] == torch.maximum(state[0].abs(), state[1]) / 127
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_values_never_reach_the_scale(backend, bad):
+    state = [torch.empty(()) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+    x = torch.tensor([-1.0, 0.5, bad, 3.0])
+    with K.use_backend(backend):
+        K.update_range(x, *state, 8, False, -1, K.ESTIMATOR_RUNNING, 0.9, True)
+        assert state[0] == -1.0 and state[1] == 3.0
+        K.update_range(torch.full((3,), bad), *state, 8, False, -1, K.ESTIMATOR_RUNNING, 0.9, False)
+    assert state[0] == -1.0 and state[1] == 3.0, "a batch without finite values keeps the old range"
+    assert torch.isfinite(state[2]) and torch.isfinite(state[3])
+
+
+def test_all_non_finite_first_batch_gives_safe_range():
+    state = [torch.empty(()) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+    K.update_range(torch.full((5,), float("nan")), *state, 8, True, -1, K.ESTIMATOR_CURRENT, 0.9, True)
+    assert torch.isfinite(state[2]) and state[2] > 0
+
+
+def test_empty_tensor_update_and_quantize():
+    state = [torch.empty(()) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+    x = torch.empty(0, 3)
+    K.update_range(x, *state, 8, True, -1, K.ESTIMATOR_CURRENT, 0.9, True)
+    assert torch.isfinite(state[2])
+    assert K.fake_quant(x, state[2], state[3], state[4], 8, True).shape == (0, 3)
+
+
+def test_backend_switch_validates_names():
+    with pytest.raises(ValueError, match="TQUANT_BACKEND"):
+        K.set_backend("cuda-magic")

@@ -1,0 +1,158 @@
+"""Quantizers and min/max range estimators at module level, against aihwkit's formulas."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tquant
+from tquant import QMethods, QuantizationManager, RangeEstimators
+
+
+def manager(symmetric=True, estimator=RangeEstimators.running_minmax, n_bits=8, per_channel=False, **options):
+    method = QMethods.symmetric_uniform if symmetric else QMethods.asymmetric_uniform
+    return QuantizationManager(method, estimator, per_channel=per_channel, qparams={"n_bits": n_bits},
+                               init_params=options)
+
+
+def aihwkit_fake_quant(x, x_min, x_max, n_bits, symmetric, per_channel=False):
+    """aihwkit 1.2.0's set_quant_range + forward, written out independently."""
+    x_min = torch.minimum(x_min, torch.zeros_like(x_min))
+    x_max = torch.maximum(x_max, torch.ones_like(x_max) * 1e-8)
+    if symmetric:
+        signed = bool(x_min.min() < 0)
+        int_max = 2.0 ** (n_bits - signed) - 1
+        int_min = -(2.0 ** (n_bits - 1)) if signed else 0.0
+        delta = torch.max(x_min.abs(), x_max) / int_max
+        zp = torch.zeros_like(delta)
+    else:
+        int_min, int_max = 0.0, 2.0**n_bits - 1
+        delta = (x_max - x_min) / int_max
+        zp = torch.clamp(torch.round(-x_min / delta), int_min, int_max)
+    scale = torch.clamp(delta, min=1e-8)
+    if per_channel:
+        scale, zp = scale.view(-1, *[1] * (x.dim() - 1)), zp.view(-1, *[1] * (x.dim() - 1))
+    x_int = torch.clamp(torch.round(x / scale) + zp, int_min, int_max)
+    return scale * (x_int - zp)
+
+
+@pytest.mark.parametrize("n_bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+@pytest.mark.parametrize("offset", [0.0, 2.5], ids=["two-sided", "positive"])
+def test_matches_aihwkit_formula(n_bits, symmetric, per_channel, offset, backend):
+    x = torch.randn(5, 13) + offset
+    if offset:
+        x = x.abs()
+    qm = manager(symmetric, RangeEstimators.current_minmax, n_bits, per_channel)
+    y = qm(x)
+    if per_channel:
+        x_min, x_max = x.min(dim=1).values, x.max(dim=1).values
+    else:
+        x_min, x_max = x.min(), x.max()
+    torch.testing.assert_close(y, aihwkit_fake_quant(x, x_min, x_max, n_bits, symmetric, per_channel),
+                               rtol=0, atol=0)
+    assert y.unique().numel() <= 2**n_bits * (5 if per_channel else 1)
+
+
+def test_symmetric_per_channel_sign_decided_by_smallest_channel_minimum(backend):
+    w = torch.rand(3, 8) + 0.1
+    w[1, 0] = -0.01  # one slightly negative channel makes the whole quantizer signed
+    qm = manager(True, RangeEstimators.current_minmax, 8, per_channel=True)
+    qm(w)
+    q = qm.quantizer
+    assert q.signed and q.int_min == -128 and q.int_max == 127
+    torch.testing.assert_close(q.delta, w.abs().max(dim=1).values / 127)
+    qm(w.abs())
+    assert not q.signed and q.int_max == 255
+
+
+def test_running_minmax_follows_ema(backend):
+    qm = manager(False, RangeEstimators.running_minmax, momentum=0.5)
+    qm(torch.tensor([-1.0, 1.0]))
+    qm(torch.tensor([-3.0, 5.0]))
+    est = qm.range_estimator
+    assert est.current_xmin == -2.0 and est.current_xmax == 3.0
+    assert qm.quantizer.delta == torch.tensor(5.0) / 255
+
+
+def test_allminmax_keeps_extremes(backend):
+    qm = manager(True, RangeEstimators.allminmax)
+    for x in (torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 4.0]), torch.tensor([-2.0, 0.5])):
+        qm(x)
+    assert qm.range_estimator.current_xmin == -2.0 and qm.range_estimator.current_xmax == 4.0
+
+
+def test_estimator_forward_api_returns_ranges():
+    est = tquant.RunningMinMaxEstimator(momentum=0.9)
+    lo, hi = est(torch.tensor([-1.0, 2.0]))
+    assert (lo, hi) == (-1.0, 2.0)
+    lo, hi = est(torch.tensor([-3.0, 4.0]))
+    assert math.isclose(float(lo), -1.2, rel_tol=1e-6) and math.isclose(float(hi), 2.2, rel_tol=1e-6)
+    est.reset()
+    assert est.current_xmin is None
+
+
+def test_set_quant_range_and_fixed_manager():
+    qm = QuantizationManager(QMethods.asymmetric_uniform, RangeEstimators.current_minmax, x_min=-1.0, x_max=3.0,
+                             qparams={"n_bits": 8})
+    assert qm.state.name == "fix_ranges"
+    q = qm.quantizer
+    torch.testing.assert_close(q.scale, torch.tensor(4.0 / 255))
+    assert q.zero_point == round(1.0 / (4.0 / 255))
+    torch.testing.assert_close(q.x_min, q.scale * (0 - q.zero_point))
+    with pytest.raises(ValueError, match="per-tensor"):
+        q.set_quant_range(torch.tensor([0.0, -1.0]), torch.tensor([1.0, 2.0]))
+
+
+def test_uninitialised_quantizer_errors_name_the_layer():
+    qm = manager()
+    qm.layer_name = "blocks.3.act"
+    qm.eval()
+    with pytest.raises(tquant.QuantizerNotInitializedError, match="'blocks.3.act'"):
+        qm(torch.randn(3))
+    with pytest.raises(tquant.QuantizerNotInitializedError, match="'blocks.3.act'"):
+        qm.export_qparams()
+    with pytest.raises(tquant.QuantizerNotInitializedError):
+        _ = qm.quantizer.delta
+
+
+def test_nan_and_inf_in_training_data_never_make_a_nan_scale(backend):
+    qm = manager(False)
+    x = torch.tensor([-2.0, float("nan"), 1.0, float("inf"), 0.5])
+    y = qm(x)
+    q = qm.quantizer
+    assert torch.isfinite(q.delta) and torch.isfinite(q.zero_float)
+    assert q.delta == torch.tensor(3.0) / 255
+    assert torch.isnan(y[1]) and torch.isfinite(y[[0, 2, 3, 4]]).all()
+    assert y[3] == q.x_max, "+inf clamps to the top of the grid"
+
+
+def test_quantizer_constructor_validation():
+    with pytest.raises(ValueError, match="scale_domain"):
+        tquant.SymmetricUniformQuantizer(8, scale_domain="log")
+    with pytest.raises(ValueError, match="axis"):
+        tquant.AsymmetricUniformQuantizer(8, axis=2)
+    with pytest.raises(ValueError, match="momentum"):
+        tquant.RunningMinMaxEstimator(momentum=2.0)
+
+
+def test_export_qparams_contract():
+    qm = manager(True, RangeEstimators.current_minmax, 8, per_channel=True)
+    qm(torch.randn(4, 5))
+    p = qm.export_qparams()
+    assert p["scale"].shape == (4,) and p["zero_point"].dtype == torch.int64
+    assert (p["qmin"], p["qmax"], p["axis"], p["signed"]) == (-128, 127, 0, True)
+
+
+def test_quantized_embedding_and_layernorm_forward(backend):
+    qmap = tquant.QuantizationMap()
+    qmap.default_qconfig.weight_quant.n_bits = 4
+    qmap.default_qconfig.activation_quant.n_bits = 8
+    tquant.append_default_conversions(qmap)
+    net = nn.Sequential(nn.Embedding(10, 6), nn.LayerNorm(6))
+    qnet = tquant.convert_to_quantized(net, qmap)
+    out_emb = qnet[0](torch.tensor([[1, 2, 3]]))
+    assert out_emb.unique().numel() <= 16, "embedding rows are 4-bit weights and not re-quantized"
+    assert qnet(torch.tensor([[1, 2, 3]])).shape == (1, 3, 6)
