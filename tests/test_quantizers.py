@@ -156,3 +156,10 @@ def test_quantized_embedding_and_layernorm_forward(backend):
     out_emb = qnet[0](torch.tensor([[1, 2, 3]]))
     assert out_emb.unique().numel() <= 16, "embedding rows are 4-bit weights and not re-quantized"
     assert qnet(torch.tensor([[1, 2, 3]])).shape == (1, 3, 6)
+
+
+def test_unsupported_dtype_names_the_layer():
+    qm = manager()
+    qm.layer_name = "fc.activation_quantizer"
+    with pytest.raises(TypeError, match="'?fc.activation_quantizer'?: cannot quantize a torch.int64"):
+        qm(torch.arange(4))

@@ -12,6 +12,9 @@ from .errors import QuantizerNotInitializedError
 from .range_estimators import SEARCH_ESTIMATORS, _all_reduce_range
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 class Qstates(enum.Enum):
     """Quantizer states (aihwkit's ``Qstates``)."""
 
@@ -117,7 +120,17 @@ class QuantizationManager(nn.Module):
         )
 
     # -- forward ---------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{self.layer_name or 'QuantizationManager'}: cannot quantize a {x.dtype} tensor; "
+                "expected float32, float16, bfloat16 or float64"
+            )
+        if self.quantizer.per_channel and x.dim() == 0:
+            raise ValueError(f"{self.layer_name or 'QuantizationManager'}: per-channel quantization needs x.dim() >= 1")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if self._estimating():
             estimator = self.range_estimator
             if estimator.fused_code is not None:
