@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from helpers import small_qmap
 from torch import nn
 
 import tquant
+
+from helpers import small_qmap
 
 
 def mlp():

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from helpers import small_qmap
 from torch import nn
 
 import tquant
@@ -16,6 +15,8 @@ from tquant import (
     QuantLinear,
     WeightQuantConfig,
 )
+
+from helpers import small_qmap
 
 
 def two_linears(n=64):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from helpers import GRAD_TOL, state_from_range, tie_values
 
 import tquant.kernels as K
 from tquant.kernels import reference as ref
+
+from helpers import GRAD_TOL, state_from_range, tie_values
 
 SHAPES = [pytest.param((0,), id="n0"), pytest.param((1,), id="n1"), pytest.param((7,), id="n7"),
           pytest.param((3, 5), id="3x5"), pytest.param((4, 3, 2, 2), id="4x3x2x2")]

@@ -4,11 +4,12 @@ import io
 
 import pytest
 import torch
-from helpers import small_qmap
 from torch import nn
 
 import tquant
 from tquant.quantization_manager import Qstates
+
+from helpers import small_qmap
 
 
 def mlp():
