@@ -1,0 +1,287 @@
+"""Triton kernels for ``tquant::batch_minmax`` and ``tquant::update_range``.
+
+``update_range`` is the first half of the QAT training forward (DESIGN §4), in two launches
+whatever the values, with no host synchronisation:
+
+1. ``_minmax_partials_kernel`` — a split reduction: each program reduces a strided set of
+   tiles of one row block to the min and max of the finite values, written to a small fp32
+   partials buffer (``[C, P]`` per channel, one pair per program per tensor). No atomics, so
+   no buffer to initialise and the result does not depend on scheduling.
+2. ``_update_range_finalize_kernel`` — one program: reduces the partials, applies the
+   estimator (current / all / running EMA, or the batch alone on the first call), clamps the
+   range to ``x_min <= 0 < x_max``, takes the symmetric sign across all channels, and writes
+   ``range_min``, ``range_max``, ``delta``, ``zero_float`` and ``signed`` in place.
+
+The fake-quant pass (``_triton_fake_quant.py``) then reads ``delta``/``zero_float``/``signed``
+from the device and recomputes scale, zero point and grid in every program.
+
+Numerics equal ``_finalize_torch(batch_minmax_reference(x), ...)`` bit for bit: divisions use
+``tl.math.div_rn``; the EMA ``(1 - m) * b + m * old`` takes ``1 - m`` computed in Python double
+and rounded to fp32 as torch does, and the kernels run with ``enable_fp_fusion=False`` so the
+sum of products is not contracted into an FMA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import tl, triton
+from ._triton_fake_quant import (
+    _as_2d,
+    _device_ctx,
+    _finalize_blocks,
+    _grid_consts,
+    _launch_opts,
+    _maximum,
+    _minimum,
+    _n_splits,
+    _tile,
+)
+from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
+
+__all__ = ["batch_minmax_triton", "update_range_triton"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Range rule applied by the finalize kernel (a constexpr: each is straight-line code).
+_RULE_BATCH = 0  # first batch or current_minmax: the batch range
+_RULE_ALL = 1  # min of mins, max of maxes
+_RULE_EMA = 2  # (1 - m) * batch + m * old, finite fallbacks
+
+
+@triton.jit
+def _minmax_partials_kernel(
+    p_x, p_pmin, p_pmax,
+    ROWS, COLS, sx_row, sx_col, P,
+    PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Min / max of the finite values seen by program ``(row block, split)``; ``+inf / -inf`` if none."""
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid // P
+    split = pid - rb * P
+    rows = rb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    rmask = rows < ROWS
+    lo = tl.full([BLOCK_C, BLOCK_R], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_C, BLOCK_R], float("-inf"), tl.float32)
+    n_cb = tl.cdiv(COLS, BLOCK_R)
+    for cb in range(split, n_cb, P):
+        cols = cb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        m = rmask[:, None] & (cols < COLS)[None, :]
+        x = tl.load(p_x + rows[:, None] * sx_row + cols[None, :] * sx_col, mask=m, other=0.0).to(tl.float32)
+        ok = m & (tl.abs(x) < float("inf"))  # NaN and +-inf are left out
+        lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
+        hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+    if PER_CHANNEL:
+        tl.store(p_pmin + rows * P + split, tl.min(lo, axis=1), mask=rmask)
+        tl.store(p_pmax + rows * P + split, tl.max(hi, axis=1), mask=rmask)
+    else:
+        tl.store(p_pmin + pid, tl.min(tl.min(lo, axis=1), axis=0))
+        tl.store(p_pmax + pid, tl.max(tl.max(hi, axis=1), axis=0))
+
+
+@triton.jit
+def _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Batch ``(min, max)`` of channels ``rows`` from their ``[C, P]`` partials."""
+    lo = tl.full([BLOCK_C, BLOCK_P], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        cols = p0 + tl.arange(0, BLOCK_P)
+        m = rmask[:, None] & (cols < P)[None, :]
+        offs = rows[:, None] * P + cols[None, :]
+        lo = tl.minimum(lo, tl.load(p_pmin + offs, mask=m, other=float("inf")))
+        hi = tl.maximum(hi, tl.load(p_pmax + offs, mask=m, other=float("-inf")))
+    return tl.min(lo, axis=1), tl.max(hi, axis=1)
+
+
+@triton.jit
+def _ema(b, old, one_minus_m, m):
+    """``ema_range``: ``(1 - m) * b + m * old``, or whichever side is finite."""
+    ema = one_minus_m * b + m * old
+    ok_b = tl.abs(b) < float("inf")
+    ok_o = tl.abs(old) < float("inf")
+    return tl.where(ok_b & ok_o, ema, tl.where(ok_b, b, old))
+
+
+@triton.jit
+def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
+               RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The running range after this batch for channels ``rows`` (``update_range_reference``)."""
+    bmin, bmax = _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C, BLOCK_P)
+    if RULE == 0:
+        new_min = bmin
+        new_max = bmax
+    else:
+        old_min = tl.load(p_rmin + rows, mask=rmask, other=0.0)
+        old_max = tl.load(p_rmax + rows, mask=rmask, other=0.0)
+        if RULE == 1:
+            new_min = _minimum(old_min, bmin)
+            new_max = _maximum(old_max, bmax)
+        else:
+            new_min = _ema(bmin, old_min, one_minus_m, m)
+            new_max = _ema(bmax, old_max, one_minus_m, m)
+    return new_min, new_max
+
+
+@triton.jit
+def _batch_minmax_finalize_kernel(p_pmin, p_pmax, p_bmin, p_bmax, C, P,
+                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    rmask = rows < C
+    bmin, bmax = _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C, BLOCK_P)
+    tl.store(p_bmin + rows, bmin, mask=rmask)
+    tl.store(p_bmax + rows, bmax, mask=rmask)
+
+
+@triton.jit
+def _update_range_finalize_kernel(
+    p_pmin, p_pmax, p_rmin, p_rmax, p_delta, p_zf, p_signed,
+    C, P, one_minus_m, m, full, half,
+    SYMMETRIC: tl.constexpr, RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program: new running range and ``qparams_from_range`` for all ``C`` channels.
+
+    Symmetric quantizers need the sign over all channels before any ``delta``: a first loop only
+    reads (partials, old range) to find it, the second recomputes the range and writes, so no
+    element is read after this program wrote it.
+    """
+    neg = tl.full([], 0, tl.int32)
+    if SYMMETRIC:
+        for c0 in range(0, C, BLOCK_C):
+            rows = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            rmask = rows < C
+            new_min, new_max = _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
+                                          RULE, BLOCK_C, BLOCK_P)
+            x_min = _minimum(new_min, 0.0)
+            neg = tl.maximum(neg, tl.max(tl.where(rmask & (x_min < 0.0), 1, 0), axis=0))
+    qmax = tl.where(neg > 0, half - 1.0, full)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        rmask = rows < C
+        new_min, new_max = _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
+                                      RULE, BLOCK_C, BLOCK_P)
+        tl.store(p_rmin + rows, new_min, mask=rmask)
+        tl.store(p_rmax + rows, new_max, mask=rmask)
+        x_min = _minimum(new_min, 0.0)
+        x_max = _maximum(new_max, 1e-8)
+        if SYMMETRIC:
+            delta = tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax)
+            zero_float = tl.zeros([BLOCK_C], dtype=tl.float32)
+        else:
+            delta = tl.math.div_rn(x_max - x_min, full)
+            zero_float = tl.math.div_rn(-x_min, delta)
+        tl.store(p_delta + rows, delta, mask=rmask)
+        tl.store(p_zf + rows, zero_float, mask=rmask)
+    tl.store(p_signed, (neg > 0).to(tl.uint8))
+
+
+def _check_input(x: torch.Tensor, axis: int, op: str) -> bool:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if axis not in (-1, 0):
+        raise ValueError(f"{op}: axis must be -1 (per tensor) or 0 (per channel, dim 0), got {axis}")
+    if axis == 0 and x.dim() == 0:
+        raise ValueError(f"{op}: per-channel ranges (axis=0) need x.dim() >= 1")
+    return axis == 0
+
+
+def _minmax_partials(x: torch.Tensor, per_channel: bool):
+    """Launch pass 1; returns ``(pmin, pmax, C, P)`` with partials laid out ``[C, P]``."""
+    (xv,), _, rows, cols, ((s_row, s_col),) = _as_2d([x], per_channel)
+    block_c, block_r, num_warps = _tile(rows, cols)
+    n_rb, n_cb = triton.cdiv(rows, block_c), triton.cdiv(cols, block_r)
+    n_split = _n_splits(x, n_rb, n_cb)
+    n_programs = n_rb * n_split
+    n_channels = rows if per_channel else 1
+    n_partials = n_split if per_channel else n_programs
+    pmin = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
+    pmax = torch.empty_like(pmin)
+    if n_programs > 0:
+        _minmax_partials_kernel[(n_programs,)](
+            xv, pmin, pmax, rows, cols, s_row, s_col, n_split,
+            PER_CHANNEL=per_channel, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps, **_launch_opts(),
+        )
+    return pmin, pmax, n_channels, n_partials
+
+
+def batch_minmax_triton(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max (fp32) of the finite values of ``x``, per tensor (0-dim) or per channel (``[C]``).
+
+    NaN and +-inf are ignored; a tensor or channel without a finite value gives ``(+inf, -inf)``
+    (``batch_minmax_reference``). Two launches: split reduction into partials, then their reduction.
+    """
+    per_channel = _check_input(x, axis, "batch_minmax")
+    shape = (x.shape[0],) if per_channel else ()
+    bmin = torch.empty(shape, dtype=torch.float32, device=x.device)
+    bmax = torch.empty(shape, dtype=torch.float32, device=x.device)
+    with _device_ctx(x):
+        pmin, pmax, n_channels, n_partials = _minmax_partials(x.detach(), per_channel)
+        if n_channels > 0:
+            fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
+            _batch_minmax_finalize_kernel[(triton.cdiv(n_channels, fin_c),)](
+                pmin, pmax, bmin, bmax, n_channels, n_partials, BLOCK_C=fin_c, BLOCK_P=fin_p,
+            )
+    return bmin, bmax
+
+
+def update_range_triton(
+    x: torch.Tensor,
+    range_min: torch.Tensor,
+    range_max: torch.Tensor,
+    delta: torch.Tensor,
+    zero_float: torch.Tensor,
+    signed: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    axis: int,
+    estimator: int,
+    momentum: float,
+    first: bool,
+) -> None:
+    """Estimate the range of ``x`` and write the five quantizer state tensors in place.
+
+    Same result as ``_finalize_torch(*batch_minmax_reference(x, axis), ...)``: the batch range of
+    the finite values, the estimator update (``first`` or ``ESTIMATOR_CURRENT``: the batch;
+    ``ESTIMATOR_ALL``: min/max with the old range; ``ESTIMATOR_RUNNING``:
+    ``(1 - m) * batch + m * old`` with finite fallbacks), then ``qparams_from_range``.
+
+    Args:
+        x: any shape, strides, fp32/fp16/bf16 (not modified).
+        range_min, range_max, delta, zero_float: fp32, contiguous, 0-dim (``axis=-1``) or
+            ``[x.shape[0]]`` (``axis=0``); overwritten.
+        signed: 0-dim bool, overwritten.
+    Two launches, no host synchronisation; ``first`` and ``estimator`` only pick the kernel variant.
+    """
+    per_channel = _check_input(x, axis, "update_range")
+    if not isinstance(n_bits, int) or not 1 <= n_bits <= 16:
+        raise ValueError(f"update_range: n_bits must be an int in 1..16, got {n_bits!r}")
+    if estimator not in (ESTIMATOR_CURRENT, ESTIMATOR_ALL, ESTIMATOR_RUNNING):
+        raise ValueError(f"update_range: unknown estimator code {estimator}")
+    want = (x.shape[0],) if per_channel else ()
+    for name, t in (("range_min", range_min), ("range_max", range_max), ("delta", delta),
+                    ("zero_float", zero_float)):
+        ok = tuple(t.shape) == want and t.dtype == torch.float32 and t.is_contiguous()
+        if not ok or t.device != x.device:
+            raise ValueError(
+                f"update_range: {name} must be a contiguous float32 tensor of shape {want} on {x.device}, "
+                f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
+            )
+    if signed.dtype != torch.bool or signed.dim() != 0 or signed.device != x.device:
+        raise ValueError(f"update_range: signed must be a 0-dim bool tensor on {x.device}")
+    if first or estimator == ESTIMATOR_CURRENT:
+        rule = _RULE_BATCH
+    elif estimator == ESTIMATOR_ALL:
+        rule = _RULE_ALL
+    else:
+        rule = _RULE_EMA
+    full, half = _grid_consts(n_bits)
+    momentum = float(momentum)
+    with _device_ctx(x):
+        pmin, pmax, n_channels, n_partials = _minmax_partials(x.detach(), per_channel)
+        fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
+        _update_range_finalize_kernel[(1,)](
+            pmin, pmax, range_min, range_max, delta, zero_float, signed.view(torch.uint8),
+            n_channels, n_partials, 1.0 - momentum, momentum, full, half,
+            SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_C=fin_c, BLOCK_P=fin_p,
+            **_launch_opts(),
+        )
