@@ -42,6 +42,8 @@ def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, wit
     if zp is not None:
         zp = param_view(zp, x, axis)
         v.add_(zp)
+    else:
+        v.add_(0.0)  # the reference adds zp = 0 too: round's -0.0 becomes +0.0 (same bits as aihwkit)
     mask = torch.logical_and(v >= qmin, v <= qmax) if with_mask else x.new_empty(0, dtype=torch.bool)
     v.clamp_(qmin, qmax)
     if zp is not None:
@@ -178,7 +180,7 @@ def fake_quant(
     Example:
         >>> d = torch.tensor(0.1); z = torch.tensor(0.0); s = torch.tensor(True)
         >>> fake_quant(torch.tensor([0.26, -0.05]), d, z, s, n_bits=8, symmetric=True)
-        tensor([0.3000, -0.0000])
+        tensor([0.3000, 0.0000])
     """
     if backend.resolve(x) == "reference":
         return fake_quant_reference(x, delta, zero_float, signed, n_bits, symmetric, axis)

@@ -31,6 +31,7 @@ def test_fake_quant_matches_reference(shape, n_bits, symmetric, axis, dtype):
     expected = ref.fake_quant_reference(x, d, z, s, n_bits, symmetric, axis)
     assert y.dtype == dtype and y.shape == x.shape
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert torch.equal(torch.signbit(y), torch.signbit(expected)), "same bits, sign of zero included"
 
 
 @pytest.mark.parametrize("n_bits", BITS)
