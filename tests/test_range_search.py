@@ -1,0 +1,513 @@
+"""Tests of ``tquant.kernels.range_search``: percentiles and the MSE / cross-entropy searches.
+
+The grid searches are checked against a plain loop over candidates written here the way
+aihwkit 1.2.0's ``MSE_Estimator`` / ``CrossEntropyEstimator`` loop (Python-float thresholds,
+one temporary per-tensor quantizer per candidate), built on ``tquant.kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tquant.kernels.range_search import (
+    SearchSpace,
+    best_range,
+    define_search_space,
+    golden_section_range,
+    grid_losses,
+    percentile_range,
+)
+from tquant.kernels.reference import fake_quant_reference, qparams_from_range
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: intra-op threads only add wake-up latency (large on a busy 2-core box).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------
+# percentiles
+# ------------------------------------------------------------------------------------------
+
+
+def np_percentile(x: torch.Tensor, p: float, axis=None):
+    """aihwkit's computation, both tails: ``torch.Tensor(np.percentile(x, (p, 100 - p)))``."""
+    lo, hi = np.percentile(x.numpy(), (p, 100 - p), axis=axis)
+    return torch.from_numpy(np.asarray(lo, dtype=np.float32)), torch.from_numpy(np.asarray(hi, dtype=np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 1001])
+@pytest.mark.parametrize("p", [0, 0.5, 1, 10, 33.3, 49.99])
+def test_percentile_per_tensor_matches_numpy(n, p):
+    x = torch.randn(n) * 3 + 1
+    lo, hi = percentile_range(x, p)
+    ref_lo, ref_hi = np_percentile(x, p)
+    assert lo.dtype == torch.float32 and lo.shape == () and hi.shape == ()
+    assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 1), (5, 7), (4, 3, 11), (2, 301)])
+@pytest.mark.parametrize("p", [0, 1, 10, 25, 49])
+def test_percentile_per_channel_matches_numpy(shape, p):
+    x = torch.randn(shape)
+    lo, hi = percentile_range(x, p, axis=0)
+    ref_lo, ref_hi = np_percentile(x.reshape(shape[0], -1), p, axis=-1)
+    assert lo.shape == (shape[0],) and lo.dtype == torch.float32
+    assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: torch.randn(n),
+        lambda n: torch.relu(torch.randn(n)),  # a long run of equal values
+        lambda n: torch.sort(torch.randn(n)).values,  # sorted: the strided sample is biased
+        lambda n: torch.randint(-3, 4, (n,)).float(),  # few distinct values
+    ],
+    ids=["normal", "relu", "sorted", "integers"],
+)
+@pytest.mark.parametrize("p", [0.01, 1, 20])
+def test_percentile_large_per_tensor(make, p):
+    # Above the full-sort size: the sampled bracket (and its fallbacks) must stay exact.
+    x = make(300_001)
+    lo, hi = percentile_range(x, p)
+    ref_lo, ref_hi = np_percentile(x, p)
+    assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+
+
+def test_percentile_clips_both_tails_per_tensor():
+    # aihwkit's per-tensor branch used (p, 100): the max was never clipped.
+    x = torch.arange(101.0)
+    lo, hi = percentile_range(x, 10)
+    assert lo.item() == 10.0 and hi.item() == 90.0
+    lo, hi = percentile_range(x, 0)
+    assert lo.item() == 0.0 and hi.item() == 100.0
+
+
+def test_percentile_ignores_non_finite():
+    x = torch.randn(50)
+    y = x.clone()
+    y[[3, 7, 11]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    keep = torch.isfinite(y)
+    lo, hi = percentile_range(y, 5)
+    ref_lo, ref_hi = np_percentile(y[keep], 5)
+    assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+    # per channel: rows with different finite counts, and one row without any finite value
+    w = torch.randn(3, 20)
+    w[0, :4] = float("nan")
+    w[2, :] = float("inf")
+    lo, hi = percentile_range(w, 10, axis=0)
+    for c in range(2):
+        row = w[c][torch.isfinite(w[c])]
+        ref_lo, ref_hi = np_percentile(row, 10)
+        assert lo[c] == ref_lo and hi[c] == ref_hi
+    assert lo[2].item() == float("inf") and hi[2].item() == float("-inf")
+    lo, hi = percentile_range(torch.full((4,), float("nan")), 1)
+    assert lo.item() == float("inf") and hi.item() == float("-inf")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=40),
+    p=st.floats(0, 49.999),
+)
+def test_percentile_property(values, p):
+    x = torch.tensor(values, dtype=torch.float32)
+    lo, hi = percentile_range(x, p)
+    ref_lo, ref_hi = np_percentile(x, p)
+    assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+    assert x.min() <= lo <= hi <= x.max()
+
+
+@pytest.mark.parametrize("p", [-1, 50, 60, float("nan"), "a", None])
+def test_percentile_bad_percentile(p):
+    with pytest.raises(ValueError, match="percentile"):
+        percentile_range(torch.randn(10), p)
+
+
+def test_percentile_bad_axis():
+    with pytest.raises(ValueError, match="axis"):
+        percentile_range(torch.randn(4, 4), 1, axis=1)
+    with pytest.raises(ValueError, match="x"):
+        percentile_range(torch.tensor(1.0), 1, axis=0)
+
+
+# ------------------------------------------------------------------------------------------
+# the aihwkit-style loop the vectorised search must reproduce
+# ------------------------------------------------------------------------------------------
+
+
+def temp_quantize(data, neg_thr, pos_thr, n_bits, symmetric):
+    """aihwkit's ``quantize``: a per-tensor quantizer set to Python-float thresholds."""
+    d, z, s = qparams_from_range(torch.tensor(float(neg_thr)), torch.tensor(float(pos_thr)), n_bits, symmetric)
+    return fake_quant_reference(data, d, z, s, n_bits, symmetric)
+
+
+def loop_loss(data, neg_thr, pos_thr, n_bits, symmetric, loss, per_channel):
+    q = temp_quantize(data, neg_thr, pos_thr, n_bits, symmetric)
+    if loss == "mse":
+        per_row = ((data - q) ** 2).reshape(len(data), -1).sum(dim=1).double()
+        return per_row if per_channel else per_row.sum()
+    terms = -torch.softmax(data, dim=1) * torch.log_softmax(q, dim=1)
+    if per_channel:  # tquant's decision: each channel its own rows (aihwkit: the total)
+        return terms.reshape(len(data), -1).sum(dim=1).double()
+    return terms.sum().double()
+
+
+def loop_space(data, n_bits, symmetric, per_channel, num_candidates, margin):
+    one_sided = bool(data.min() >= 0)
+    if one_sided or symmetric:
+        max_pos = max(abs(float(data.min())), float(data.max())) + margin
+        max_neg, search = -max_pos, max_pos
+    else:
+        max_pos, max_neg = float(data.max()) + margin, float(data.min()) - margin
+        search = max(abs(max_pos), abs(max_neg))
+    return dict(one_sided=one_sided, max_pos=max_pos, max_neg=max_neg, step=search / num_candidates,
+                skew=2**n_bits // 4, channels=len(data) if per_channel else 1, search=search)
+
+
+def loop_grid(data, sp, n_bits, symmetric, loss, per_channel, num_candidates):
+    """aihwkit's ``_perform_1D_search`` / ``_perform_2D_search`` loss accumulation, one batch."""
+    step = sp["step"]
+    if sp["one_sided"] or symmetric:
+        arr = np.zeros((sp["channels"], num_candidates + 1))
+        arr[:, 0] = np.inf
+        for i in range(1, num_candidates + 1):
+            neg = 0 if sp["one_sided"] else -step * i
+            arr[:, i] += loop_loss(data, neg, step * i, n_bits, symmetric, loss, per_channel).numpy()
+        return arr
+    arr = np.zeros((sp["channels"], num_candidates + 1, sp["skew"], 2))
+    arr[:, 0] = np.inf
+    for i in range(1, num_candidates + 1):
+        start, finish = -step * i, step * i
+        delta = float(finish - start) / (2**n_bits - 1)
+        for shift in range(sp["skew"]):
+            for reverse in range(2):
+                skew = ((-1) ** reverse) * shift * delta
+                neg, pos = max(start + skew, sp["max_neg"]), min(finish + skew, sp["max_pos"])
+                arr[:, i, shift, reverse] += loop_loss(data, neg, pos, n_bits, symmetric, loss,
+                                                       per_channel).numpy()
+    return arr
+
+
+def loop_best(arr, sp, n_bits, two_d):
+    step = sp["step"]
+    if not two_d:
+        cand = arr.argmin(axis=1)
+        xmin = np.zeros(len(cand)) if sp["one_sided"] else -step * cand
+        return xmin.astype(np.float32), (step * cand).astype(np.float32)
+    xmins, xmaxs = [], []
+    for c in range(len(arr)):
+        i, shift, rev = np.unravel_index(np.argmin(arr[c]), arr[c].shape)
+        start, finish = -step * i, step * i
+        delta = float(finish - start) / (2**n_bits - 1)
+        skew = ((-1) ** rev) * shift * delta
+        xmins.append(max(start + skew, sp["max_neg"]))
+        xmaxs.append(min(finish + skew, sp["max_pos"]))
+    return np.array(xmins, dtype=np.float32), np.array(xmaxs, dtype=np.float32)
+
+
+def check_against_loop(data, n_bits, symmetric, per_channel, loss="mse", num_candidates=12, margin=0.5):
+    space = define_search_space(data, n_bits, symmetric, per_channel, num_candidates, margin)
+    got = grid_losses(data, space, n_bits, symmetric, loss)
+    sp = loop_space(data, n_bits, symmetric, per_channel, num_candidates, margin)
+    ref = loop_grid(data, sp, n_bits, symmetric, loss, per_channel, num_candidates)
+    assert got.dtype == torch.float64 and tuple(got.shape) == ref.shape == space.loss_shape
+    ref_t = torch.from_numpy(ref)
+    assert torch.isinf(got[:, 0]).all()
+    torch.testing.assert_close(got[:, 1:], ref_t[:, 1:], rtol=2e-6, atol=1e-9)
+    # the pick of the loop's own array, turned back into a range as aihwkit does
+    x_min, x_max = best_range(ref_t, space, n_bits)
+    ref_min, ref_max = loop_best(ref, sp, n_bits, space.two_d)
+    assert x_min.dtype == torch.float32 and x_min.shape == (space.channels,)
+    assert torch.equal(x_min, torch.from_numpy(ref_min)) and torch.equal(x_max, torch.from_numpy(ref_max))
+    return space, got, ref_t
+
+
+# ------------------------------------------------------------------------------------------
+# search space, grid losses, best range
+# ------------------------------------------------------------------------------------------
+
+
+def test_search_space_fields():
+    data = torch.tensor([[-1.5, 0.25], [2.0, -0.5]])
+    sp = define_search_space(data, 8, True, False, 100, 0.5)
+    assert isinstance(sp, SearchSpace)
+    assert (sp.one_sided, sp.two_d, sp.channels, sp.max_int_skew) == (False, False, 1, 64)
+    assert sp.max_pos_thr == 2.5 and sp.max_neg_thr == -2.5 and sp.max_search_range == 2.5
+    assert sp.step == 2.5 / 100 and sp.loss_shape == (1, 101)
+    sp = define_search_space(data, 4, False, True, 10, 0.5)
+    assert sp.two_d and sp.channels == 2 and sp.max_int_skew == 4
+    assert sp.max_pos_thr == 2.5 and sp.max_neg_thr == -2.0 and sp.max_search_range == 2.5
+    assert sp.loss_shape == (2, 11, 4, 2)
+    sp = define_search_space(data.abs(), 4, False, False, 10, 0.0)
+    assert sp.one_sided and not sp.two_d and sp.max_pos_thr == 2.0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("n_bits", [4, 8])
+def test_grid_1d_symmetric(per_channel, n_bits):
+    check_against_loop(torch.randn(6, 40) * torch.linspace(0.3, 2, 6)[:, None], n_bits, True, per_channel)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_grid_1d_one_sided(symmetric, per_channel):
+    space, got, _ = check_against_loop(torch.rand(5, 30) * 3, 4, symmetric, per_channel)
+    assert space.one_sided and not space.two_d
+
+
+def test_one_sided_symmetric_candidates_use_unsigned_grid():
+    # aihwkit's set_quant_range(0, r) on a symmetric quantizer: unsigned [0, 2^b - 1].
+    data = torch.rand(64)
+    space = define_search_space(data, 4, True, False, 5, 0.0)
+    got = grid_losses(data, space, 4, True)
+    r = space.step * 3
+    q = torch.clamp(torch.round(data / (r / 15)), 0, 15) * (r / 15)
+    torch.testing.assert_close(got[0, 3].item(), ((data - q) ** 2).sum().item(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_grid_2d_asymmetric(per_channel):
+    data = torch.randn(4, 25) + torch.tensor([0.3, -0.2, 0.8, 0.0])[:, None]
+    space, _, _ = check_against_loop(data, 4, False, per_channel, num_candidates=8)
+    assert space.two_d
+
+
+def test_grid_2d_clamps_to_data_range():
+    # Skewed data: many 2-D candidates cross max_neg_thr / max_pos_thr and are clamped.
+    data = torch.cat([torch.rand(30) * 4, -torch.rand(5) * 0.2]).reshape(5, 7)
+    check_against_loop(data, 4, False, False, num_candidates=6, margin=0.0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_grid_cross_entropy(symmetric):
+    check_against_loop(torch.randn(4, 6, 3) * 2, 4, symmetric, False, loss="cross_entropy", num_candidates=6)
+
+
+def test_grid_cross_entropy_per_channel_rows():
+    # tquant's per-channel cross entropy: each row's own terms; their sum is aihwkit's total.
+    data = torch.randn(3, 8)
+    check_against_loop(data, 4, True, True, loss="cross_entropy", num_candidates=8)
+    sp_c = define_search_space(data, 4, True, True, 8, 0.5)
+    sp_t = define_search_space(data, 4, True, False, 8, 0.5)
+    per_row = grid_losses(data, sp_c, 4, True, "cross_entropy")
+    total = grid_losses(data, sp_t, 4, True, "cross_entropy")
+    torch.testing.assert_close(per_row[:, 1:].sum(0), total[0, 1:], rtol=1e-6, atol=1e-9)
+
+
+def test_grid_chunking_does_not_change_losses():
+    data = torch.randn(5, 300)
+    space = define_search_space(data, 4, False, True, 10, 0.5)
+    a = grid_losses(data, space, 4, False)
+    b = grid_losses(data, space, 4, False, block=97)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("symmetric,per_channel", [(True, False), (False, False), (False, True)])
+def test_losses_accumulate_over_batches(symmetric, per_channel):
+    b1, b2 = torch.randn(4, 50), torch.randn(4, 50) * 1.3
+    space = define_search_space(b1, 4, symmetric, per_channel, 10, 0.5)
+    acc = grid_losses(b1, space, 4, symmetric) + grid_losses(b2, space, 4, symmetric)
+    both = grid_losses(torch.cat([b1, b2], dim=1), space, 4, symmetric)
+    torch.testing.assert_close(acc, both, rtol=1e-6, atol=1e-9)
+    x_min, x_max = best_range(acc, space, 4)
+    assert (x_min <= 0).all() and (x_max > 0).all()
+
+
+def test_grid_best_range_is_the_min_mse():
+    data = torch.randn(2000)
+    space = define_search_space(data, 4, True, False, 200, 0.5)
+    losses = grid_losses(data, space, 4, True)
+    x_min, x_max = best_range(losses, space, 4)
+    i = round(x_max.item() / space.step)
+    assert losses[0, i] == losses[0].min() and x_min.item() == -x_max.item()
+    assert 1.5 < x_max.item() < 3.5  # 4-bit MSE clipping of a unit normal: about 2.5 sigma
+
+
+def test_grid_ignores_non_finite_values():
+    data = torch.randn(6, 20)
+    space = define_search_space(data, 4, False, True, 8, 0.5)
+    bad = data.clone()
+    bad[1, 3], bad[4, 0] = float("nan"), float("inf")
+    clean = data.clone()
+    clean[1, 3], clean[4, 0] = 0.0, 0.0  # zero is exactly representable: zero error
+    torch.testing.assert_close(grid_losses(bad, space, 4, False), grid_losses(clean, space, 4, False))
+
+
+def test_grid_bf16_data():
+    data = torch.randn(4, 30).to(torch.bfloat16)
+    space = define_search_space(data, 4, True, False, 8, 0.5)
+    got = grid_losses(data, space, 4, True)
+    assert torch.isfinite(got[:, 1:]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# golden section
+# ------------------------------------------------------------------------------------------
+
+
+def fine_best(data, space, n_bits, symmetric, per_channel, loss="mse", n_r=600, n_s=61):
+    """Brute force over the golden-section domain: per channel, the best loss found."""
+    rows = len(data) if per_channel else 1
+    rs = np.linspace(0.01 * space.max_search_range, space.max_search_range, n_r)
+    best = np.full(rows, np.inf)
+    for r in rs:
+        if not space.two_d:
+            shifts = [0.0]
+        else:
+            m = 2 * r / (2**n_bits - 1) * space.max_int_skew
+            shifts = np.linspace(-m, m, n_s)
+        for s in shifts:
+            neg = 0.0 if (space.one_sided and not space.two_d) else -r + s
+            l_ = per_channel_loss(data, neg, r + s, n_bits, symmetric, loss, per_channel)
+            best = np.minimum(best, l_)
+    return best
+
+
+def per_channel_loss(data, neg, pos, n_bits, symmetric, loss, per_channel):
+    out = loop_loss(data, neg, pos, n_bits, symmetric, loss, per_channel)
+    return np.atleast_1d(out.numpy())
+
+
+def loss_at(data, x_min, x_max, n_bits, symmetric, per_channel, loss="mse"):
+    if not per_channel:
+        return per_channel_loss(data, x_min[0].item(), x_max[0].item(), n_bits, symmetric, loss, False)
+    return np.array([
+        per_channel_loss(data, x_min[c].item(), x_max[c].item(), n_bits, symmetric, loss, True)[c]
+        for c in range(len(data))
+    ])
+
+
+@pytest.mark.parametrize(
+    "n_bits,symmetric,per_channel,one_sided",
+    [(8, True, False, False), (4, True, True, False), (4, False, False, True), (4, False, False, False)],
+)
+def test_golden_section_quality(n_bits, symmetric, per_channel, one_sided):
+    torch.manual_seed(1)
+    data = torch.randn(4, 1024) * torch.tensor([0.5, 1.0, 1.5, 2.0])[:, None]
+    data = data.abs() if one_sided else data + (0.0 if symmetric else 0.4)
+    space = define_search_space(data, n_bits, symmetric, per_channel, 100, 0.5)
+    x_min, x_max = golden_section_range(data, space, n_bits, symmetric)
+    assert x_min.dtype == torch.float32 and x_min.shape == (space.channels,)
+    if symmetric or one_sided:
+        assert torch.equal(x_min, torch.zeros_like(x_min) if one_sided else -x_max)
+    ours = loss_at(data, x_min, x_max, n_bits, symmetric, per_channel)
+    best = fine_best(data, space, n_bits, symmetric, per_channel, n_r=300 if space.two_d else 600)
+    assert (ours <= best * 1.01).all(), (ours / best)
+
+
+def test_golden_section_cross_entropy():
+    data = torch.randn(8, 16) * 2
+    space = define_search_space(data, 4, True, False, 100, 0.5)
+    x_min, x_max = golden_section_range(data, space, 4, True, loss="cross_entropy")
+    ours = loss_at(data, x_min, x_max, 4, True, False, "cross_entropy")
+    best = fine_best(data, space, 4, True, False, "cross_entropy")
+    assert ours[0] <= best[0] * 1.01
+
+
+def test_golden_section_bare_and_fixed_iters():
+    data = torch.randn(2048)
+    space = define_search_space(data, 8, True, False, 100, 0.5)
+    a = golden_section_range(data, space, 8, True, scan=0)
+    b = golden_section_range(data, space, 8, True, iters=40)
+    for x_min, x_max in (a, b):
+        assert 1.0 < x_max.item() < space.max_search_range and x_min.item() == -x_max.item()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_golden_section_vs_scipy(symmetric):
+    optimize = pytest.importorskip("scipy.optimize")
+    torch.manual_seed(2)
+    n_bits = 4
+    data = torch.randn(4096) + (0.0 if symmetric else 0.5)
+    space = define_search_space(data, n_bits, symmetric, False, 100, 0.5)
+    R = space.max_search_range
+
+    def f(neg, pos):
+        return float(loop_loss(data, neg, pos, n_bits, symmetric, "mse", False))
+
+    # aihwkit's calls of scipy's bounded minimize_scalar
+    if symmetric:
+        res = optimize.minimize_scalar(lambda r: f(-r, r), bounds=(0.01 * R, R), method="Bounded")
+        ref = res.fun
+    else:
+        skew = space.max_int_skew
+
+        def inner(r):
+            m = 2 * r / (2**n_bits - 1) * skew
+            return optimize.minimize_scalar(lambda s: f(-r + s, r + s), bounds=(-m, m), method="Bounded")
+
+        res = optimize.minimize_scalar(lambda r: inner(r).fun, bounds=(0.01 * R, R), method="Bounded")
+        sub = inner(res.x)
+        ref = f(-res.x + sub.x, res.x + sub.x)
+    x_min, x_max = golden_section_range(data, space, n_bits, symmetric)
+    ours = f(x_min.item(), x_max.item())
+    assert ours <= ref * 1.01
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_field():
+    data = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="n_bits"):
+        define_search_space(data, 1, True, False)
+    with pytest.raises(ValueError, match="n_bits"):
+        define_search_space(data, 17, True, False)
+    with pytest.raises(ValueError, match="n_bits"):
+        define_search_space(data, 8.0, True, False)
+    with pytest.raises(ValueError, match="num_candidates"):
+        define_search_space(data, 8, True, False, num_candidates=0)
+    with pytest.raises(ValueError, match="range_margin"):
+        define_search_space(data, 8, True, False, range_margin=float("nan"))
+    with pytest.raises(ValueError, match="data"):
+        define_search_space(torch.full((3,), float("nan")), 8, True, False)
+    with pytest.raises(ValueError, match="data"):
+        define_search_space(torch.empty(0), 8, True, False)
+    space = define_search_space(data, 4, True, False, 10)
+    with pytest.raises(ValueError, match="loss"):
+        grid_losses(data, space, 4, True, loss="mae")
+    with pytest.raises(ValueError, match="loss"):
+        golden_section_range(data, space, 4, True, loss="kl")
+    with pytest.raises(ValueError, match="n_bits"):
+        grid_losses(data, space, 8, True)
+    with pytest.raises(ValueError, match="symmetric"):
+        grid_losses(data, space, 4, False)
+    with pytest.raises(ValueError, match="data"):
+        grid_losses(torch.full((4, 8), float("inf")), space, 4, True)
+    with pytest.raises(ValueError, match="data"):
+        golden_section_range(torch.full((4, 8), float("nan")), space, 4, True)
+    with pytest.raises(ValueError, match="data"):
+        grid_losses(torch.randn(8), space, 4, True, loss="cross_entropy")
+    with pytest.raises(ValueError, match="loss_array"):
+        best_range(torch.zeros(1, 5), space, 4)
+    with pytest.raises(ValueError, match="iters"):
+        golden_section_range(data, space, 4, True, iters=0)
+    with pytest.raises(ValueError, match="scan"):
+        golden_section_range(data, space, 4, True, scan=2)
+    pc = define_search_space(data, 4, True, True, 10)
+    with pytest.raises(ValueError, match="data"):
+        grid_losses(torch.randn(5, 8), pc, 4, True)
+
+
+def test_no_candidate_is_nan_for_constant_data():
+    # All-zero data with no margin: every candidate collapses to the [0, EPS] safe range.
+    data = torch.zeros(3, 4)
+    space = define_search_space(data, 4, True, False, 5, 0.0)
+    losses = grid_losses(data, space, 4, True)
+    assert not torch.isnan(losses).any()
+    x_min, x_max = best_range(losses, space, 4)
+    assert math.isfinite(x_min.item()) and math.isfinite(x_max.item())
