@@ -6,7 +6,7 @@ is chosen in one place, :mod:`tquant.kernels.backend` (``TQUANT_BACKEND=auto|tor
 This package imports only torch (and Triton when it is installed).
 """
 
-from . import reference
+from . import qdq, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .fake_quant import fake_quant, fake_quant_forward, fake_quant_range_grads
 from .range_update import (
@@ -31,6 +31,7 @@ __all__ = [
     "fake_quant_range_grads",
     "finalize_range",
     "get_backend",
+    "qdq",
     "qparams_from_range",
     "reference",
     "set_backend",

@@ -163,3 +163,52 @@ def test_unsupported_dtype_names_the_layer():
     qm.layer_name = "fc.activation_quantizer"
     with pytest.raises(TypeError, match="'?fc.activation_quantizer'?: cannot quantize a torch.int64"):
         qm(torch.arange(4))
+
+
+@pytest.mark.parametrize("estimator", [RangeEstimators.MSE, RangeEstimators.cross_entropy], ids=["mse", "ce"])
+@pytest.mark.parametrize("opt", [tquant.OptMethod.grid, tquant.OptMethod.golden_section], ids=["grid", "golden"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_search_estimators_clip_outliers_and_keep_state(estimator, opt, symmetric, per_channel):
+    torch.manual_seed(0)
+    qm = manager(symmetric, estimator, 4, per_channel, opt_method=opt, num_candidates=20, range_margin=0.5)
+    x = torch.randn(4, 64)
+    x[:, 0] = 12.0  # one far outlier per row: the best 4-bit range clips it
+    y = qm(x)
+    q = qm.quantizer
+    assert q.is_initialized and q._delta.shape == ((4,) if per_channel else ())
+    assert torch.isfinite(q._delta).all() and y.shape == x.shape
+    if estimator == RangeEstimators.MSE:
+        assert torch.all(q.x_max < 12.0), "the MSE search clips the outlier instead of covering it"
+    if estimator == RangeEstimators.MSE and symmetric:  # a 1-D search reaches the min/max range's error
+        minmax = manager(symmetric, RangeEstimators.current_minmax, 4, per_channel)
+        assert (y - x).square().mean() <= 1.01 * (minmax(x) - x).square().mean()
+    if opt == tquant.OptMethod.grid:
+        losses = qm.range_estimator.loss_array.clone()
+        qm(x)
+        assert torch.equal(qm.range_estimator.loss_array[:, 1:], 2 * losses[:, 1:]), "losses add up over batches"
+    qm.range_estimator.reset()
+    assert qm.range_estimator.loss_array is None and qm.range_estimator.current_xmin is None
+
+
+def test_mse_weight_quantizer_from_config():
+    qmap = tquant.QuantizationMap()
+    qmap.default_qconfig.weight_quant = tquant.WeightQuantConfig(
+        4, True, True, RangeEstimators.MSE, tquant.MSEEstimatorParams(tquant.OptMethod.grid, 30))
+    tquant.append_default_conversions(qmap)
+    qnet = tquant.convert_to_quantized(nn.Sequential(nn.Linear(16, 8)), qmap)
+    est = qnet[0].weight_quantizer.range_estimator
+    assert isinstance(est, tquant.MSE_Estimator) and est.num_candidates == 30 and est.per_channel
+    qnet(torch.randn(2, 16))
+    assert qnet[0].weight_quantizer.quantizer._delta.shape == (8,)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_percentile_clips_both_tails(per_channel, backend):
+    x = torch.linspace(-10.0, 30.0, 401).repeat(3, 1)
+    qm = manager(False, RangeEstimators.current_minmax, 8, per_channel, percentile=5.0)
+    qm(x)
+    est = qm.range_estimator
+    torch.testing.assert_close(est.current_xmin, torch.full_like(est.current_xmin, -8.0))
+    torch.testing.assert_close(est.current_xmax, torch.full_like(est.current_xmax, 28.0))
+    torch.testing.assert_close(qm.quantizer.x_max.max(), torch.tensor(28.0), atol=36 / 255, rtol=0)

@@ -11,7 +11,6 @@ from .config import QMethods, RangeEstimators
 from .errors import QuantizerNotInitializedError
 from .range_estimators import SEARCH_ESTIMATORS, _all_reduce_range
 
-
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
