@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import backend
+from .host_math import scalar_qparams
 from .reference import EPS, fake_quant_reference, grid_bounds, param_view
 
 __all__ = ["fake_quant", "fake_quant_forward", "fake_quant_range_grads"]
@@ -33,8 +34,27 @@ def _qparams_fast(delta, zero_float, signed, n_bits, symmetric):
     return scale, zp, qmin, qmax
 
 
+def _fake_quant_host_scalars(x, delta, zero_float, signed, n_bits, symmetric, with_mask):
+    """CPU per-tensor: qparams as Python floats put every pass on torch's scalar fast path."""
+    scale, zp, qmin, qmax = scalar_qparams(delta, zero_float, signed, n_bits, symmetric)
+    v = torch.div(x.float(), scale)
+    v.round_()
+    v.add_(zp)  # also for zp = 0: round's -0.0 becomes +0.0, as in the reference
+    mask = x.new_empty(0, dtype=torch.bool)
+    if with_mask:
+        mask = torch.ge(v, qmin)
+        mask.logical_and_(torch.le(v, qmax))
+    v.clamp_(qmin, qmax)
+    if zp:
+        v.sub_(zp)
+    v.mul_(scale)
+    return (v if v.dtype == x.dtype else v.to(x.dtype)), mask
+
+
 def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
     """Torch fast path: bit-identical to the reference, in place on one fp32 buffer."""
+    if x.device.type == "cpu" and axis < 0:
+        return _fake_quant_host_scalars(x, delta, zero_float, signed, n_bits, symmetric, with_mask)
     scale, zp, qmin, qmax = _qparams_fast(delta, zero_float, signed, n_bits, symmetric)
     scale = param_view(scale, x, axis)
     v = torch.div(x.float(), scale)
@@ -44,12 +64,15 @@ def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, wit
         v.add_(zp)
     else:
         v.add_(0.0)  # the reference adds zp = 0 too: round's -0.0 becomes +0.0 (same bits as aihwkit)
-    mask = torch.logical_and(v >= qmin, v <= qmax) if with_mask else x.new_empty(0, dtype=torch.bool)
+    mask = x.new_empty(0, dtype=torch.bool)
+    if with_mask:
+        mask = torch.ge(v, qmin)
+        mask.logical_and_(torch.le(v, qmax))
     v.clamp_(qmin, qmax)
     if zp is not None:
         v.sub_(zp)
     v.mul_(scale)
-    return v.to(x.dtype), mask
+    return (v if v.dtype == x.dtype else v.to(x.dtype)), mask
 
 
 def _fake_quant_impl(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
@@ -158,6 +181,19 @@ def _backward(ctx, grad_y, grad_mask):
 fake_quant_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FakeQuantFunction(torch.autograd.Function):
+    """Eager twin of the ``tquant::fake_quant`` op: the same implementation and autograd formula,
+    without the custom-op dispatch (tens of microseconds of Python per call)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fake_quant_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
 def fake_quant(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -185,5 +221,7 @@ def fake_quant(
     if backend.resolve(x) == "reference":
         return fake_quant_reference(x, delta, zero_float, signed, n_bits, symmetric, axis)
     with_mask = torch.is_grad_enabled() and x.requires_grad
-    y, _ = fake_quant_forward(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
+    # Traced code (torch.compile / export) sees the registered op; eager code skips its dispatch.
+    op = fake_quant_forward if torch.compiler.is_compiling() else _FakeQuantFunction.apply
+    y, _ = op(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
     return y

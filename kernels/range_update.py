@@ -19,9 +19,13 @@ the batch range across processes (``tquant.convert_sync_ranges``) before the upd
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from . import backend
+from .host_math import qparams_host, qparams_scalar, update_range_host, update_range_scalar, write_state
 from .reference import (
     ESTIMATOR_ALL,
     ESTIMATOR_CURRENT,
@@ -50,18 +54,33 @@ def _batch_minmax_torch(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
     flat = xd.reshape(-1) if axis < 0 else xd.reshape(rows, -1)
     bmin, bmax = torch.aminmax(flat) if axis < 0 else torch.aminmax(flat, dim=1)
     bmin, bmax = bmin.float(), bmax.float()
-    finite = torch.isfinite(bmin) & torch.isfinite(bmax)
     if xd.device.type == "cpu":
         # On the CPU a value check costs no device round trip: pay the masked pass only if needed.
-        if bool(finite.all()):
+        if np.isfinite(bmin.numpy()).all() and np.isfinite(bmax.numpy()).all():
             return bmin, bmax
         return batch_minmax_reference(xd, axis)
+    finite = torch.isfinite(bmin) & torch.isfinite(bmax)
     mmin, mmax = batch_minmax_reference(xd, axis)
     return torch.where(finite, bmin, mmin), torch.where(finite, bmax, mmax)
 
 
+def _finalize_host(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
+                   estimator, momentum, first):
+    """``_finalize_torch`` for CPU tensors: the scalar math in numpy float32, five copies out."""
+    lo, hi = bmin.numpy(), bmax.numpy()
+    old_lo = None if first else range_min.numpy()
+    old_hi = None if first else range_max.numpy()
+    new_lo, new_hi = update_range_host(lo, hi, old_lo, old_hi, estimator, momentum, first)
+    d, z, s = qparams_host(new_lo, new_hi, n_bits, symmetric)
+    write_state((new_lo, new_hi, d, z, s), (range_min, range_max, delta, zero_float, signed))
+
+
 def _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
                     estimator, momentum, first):
+    if bmin.device.type == "cpu":
+        _finalize_host(bmin.detach(), bmax.detach(), range_min.detach(), range_max.detach(), delta, zero_float,
+                       signed, n_bits, symmetric, estimator, momentum, first)
+        return
     new_min, new_max = update_range_reference(bmin, bmax, range_min, range_max, estimator, momentum, first)
     d, z, s = qparams_from_range(new_min, new_max, n_bits, symmetric)
     range_min.copy_(new_min)
@@ -118,10 +137,31 @@ def _(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symme
     return None
 
 
+def update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tensor, delta: torch.Tensor,
+                 zero_float: torch.Tensor, signed: torch.Tensor, n_bits: int, symmetric: bool, axis: int,
+                 estimator: int, momentum: float, first: bool) -> None:
+    """Estimate the range of ``x`` and set the quantizer parameters, all in place.
+
+    Args:
+        x: the tensor to be quantized (any shape, dtype, strides); not modified.
+        range_min, range_max: fp32 running range, 0-dim or ``[C]``; read unless ``first``.
+        delta, zero_float: fp32 quantizer parameters of the same shape, overwritten.
+        signed: bool 0-dim, overwritten (symmetric sign; False for asymmetric quantizers).
+        estimator: ``ESTIMATOR_CURRENT``, ``ESTIMATOR_ALL`` or ``ESTIMATOR_RUNNING``.
+        momentum: EMA momentum ``m`` of the running estimator.
+        first: the range buffers hold no range yet (this batch sets them).
+
+    Traced code (torch.compile / export) calls the registered op ``tquant::update_range``;
+    eager code calls its implementation directly (no custom-op dispatch overhead).
+    """
+    impl = update_range_op if torch.compiler.is_compiling() else _update_range_impl
+    impl(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum, first)
+
+
 @torch.library.custom_op(
     "tquant::update_range", mutates_args=("range_min", "range_max", "delta", "zero_float", "signed")
 )
-def update_range(
+def update_range_op(
     x: torch.Tensor,
     range_min: torch.Tensor,
     range_max: torch.Tensor,
@@ -135,18 +175,40 @@ def update_range(
     momentum: float,
     first: bool,
 ) -> None:
-    """Estimate the range of ``x`` and set the quantizer parameters, all in place.
+    """The registered op behind :func:`update_range` (same arguments)."""
+    _update_range_impl(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator,
+                       momentum, first)
 
-    Args:
-        x: the tensor to be quantized (any shape, dtype, strides); not modified.
-        range_min, range_max: fp32 running range, 0-dim or ``[C]``; read unless ``first``.
-        delta, zero_float: fp32 quantizer parameters of the same shape, overwritten.
-        signed: bool 0-dim, overwritten (symmetric sign; False for asymmetric quantizers).
-        estimator: ``ESTIMATOR_CURRENT``, ``ESTIMATOR_ALL`` or ``ESTIMATOR_RUNNING``.
-        momentum: EMA momentum ``m`` of the running estimator.
-        first: the range buffers hold no range yet (this batch sets them).
-    """
+
+def _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, estimator,
+                         momentum, first):
+    """CPU, per tensor: one ``aminmax``, the scalar math in Python floats, five fills."""
+    xd = x.detach()
+    if xd.numel():
+        lo_t, hi_t = torch.aminmax(xd.reshape(-1))
+        lo, hi = lo_t.item(), hi_t.item()
+    else:
+        lo, hi = math.inf, -math.inf
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo_t, hi_t = batch_minmax_reference(xd, -1)
+        lo, hi = lo_t.item(), hi_t.item()
+    old = (None, None) if first else (range_min.item(), range_max.item())
+    lo, hi = update_range_scalar(lo, hi, *old, estimator, momentum, first)
+    d, z, s = qparams_scalar(lo, hi, n_bits, symmetric)
+    range_min.fill_(lo)
+    range_max.fill_(hi)
+    delta.fill_(d)
+    zero_float.fill_(z)
+    signed.fill_(s)
+
+
+def _update_range_impl(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator,
+                       momentum, first):
     impl = backend.resolve(x)
+    if impl == "torch" and axis < 0 and x.device.type == "cpu":
+        _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, estimator,
+                             momentum, first)
+        return
     if impl == "triton":
         from ._triton_range import update_range_triton
 
@@ -158,7 +220,7 @@ def update_range(
                     estimator, momentum, first)
 
 
-@update_range.register_fake
+@update_range_op.register_fake
 def _(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum,
       first):
     return None

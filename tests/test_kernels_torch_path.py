@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tquant.kernels as K
 from tquant.kernels import reference as ref
@@ -150,3 +152,27 @@ def test_empty_tensor_update_and_quantize():
 def test_backend_switch_validates_names():
     with pytest.raises(ValueError, match="TQUANT_BACKEND"):
         K.set_backend("cuda-magic")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lo=st.floats(-1e4, 1e4, width=32), hi=st.floats(-1e4, 1e4, width=32),
+    old_lo=st.floats(-1e4, 1e4, width=32), old_hi=st.floats(-1e4, 1e4, width=32),
+    momentum=st.floats(0.0, 0.99), n_bits=st.integers(2, 16), symmetric=st.booleans(),
+    estimator=st.sampled_from([K.ESTIMATOR_CURRENT, K.ESTIMATOR_ALL, K.ESTIMATOR_RUNNING]),
+)
+def test_host_scalar_math_is_the_reference_bit_for_bit(lo, hi, old_lo, old_hi, momentum, n_bits, symmetric,
+                                                        estimator):
+    x = torch.tensor([lo, hi])
+    state = [torch.tensor(old_lo), torch.tensor(old_hi), torch.empty(()), torch.empty(()),
+             torch.zeros((), dtype=torch.bool)]
+    expected = ref.update_range_reference(*ref.batch_minmax_reference(x), state[0].clone(), state[1].clone(),
+                                          estimator, momentum, False)
+    expected = (*expected, *ref.qparams_from_range(*expected, n_bits, symmetric))
+    with K.use_backend("torch"):
+        K.update_range(x, *state, n_bits, symmetric, -1, estimator, momentum, False)
+        y = K.fake_quant(x, state[2], state[3], state[4], n_bits, symmetric)
+    for got, want in zip(state, expected):
+        assert torch.equal(got, want)
+    want_y = ref.fake_quant_reference(x, *expected[2:], n_bits, symmetric)
+    assert torch.equal(y, want_y) and torch.equal(torch.signbit(y), torch.signbit(want_y))

@@ -140,7 +140,7 @@ class QuantizationManager(nn.Module):
                     x_min, x_max = x_min.clone(), x_max.clone()
                     _all_reduce_range(x_min, x_max, self.process_group)
                 self.quantizer.set_quant_range(x_min, x_max)
-        return self.quantizer(x)
+        return self.quantizer.forward(x)  # the manager is the hookable module; skip a second __call__
 
     def set_quant_range(self, x_min, x_max) -> None:
         self.quantizer.set_quant_range(x_min, x_max)
