@@ -1,0 +1,334 @@
+"""QAT training step (forward + backward + SGD step) of an MLP and a small CNN, on the CPU.
+
+Variants, side by side in one process on the same batch and the same initial weights:
+
+- ``float``: the plain model;
+- ``tquant``: ``tquant.convert_to_quantized`` with 8-bit weights (per-tensor symmetric,
+  ``current_minmax``) and 8-bit output activations (``running_minmax``), the default
+  conversions (``append_default_conversions``), backend ``auto`` (the torch path on the CPU);
+- ``torch.ao``: eager-mode ``torch.ao.quantization`` QAT — ``QuantStub``/``DeQuantStub``
+  around the model, Linear/Conv + ReLU fused with ``fuse_modules_qat``, the default ``x86``
+  QAT qconfig (fused moving-average observer/fake-quant for activations, per-channel
+  symmetric weights), ``prepare_qat``.
+
+Reported: the median step time of each variant and its overhead over the float step
+(``variant / float``). Results go to ``results/<device>/qat.{csv,json,md,png}``.
+
+Run: ``python -m tquant.benchmarks.bench_qat [--quick]`` or ``tquant bench qat``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import common
+
+VARIANTS = ("float", "tquant", "torch.ao")
+MODELS = ("mlp", "cnn")
+BATCH = 64
+CSV_FIELDS = [
+    "run_id",
+    "device",
+    "torch",
+    "model",
+    "batch",
+    "variant",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "n",
+    "overhead_vs_float",
+    "fake_quantizers",
+]
+
+
+class MLP(nn.Module):
+    """``in -> hidden -> hidden -> 10`` with ReLUs (named for ``fuse_modules_qat``)."""
+
+    def __init__(self, in_features: int = 512, hidden: int = 1024, classes: int = 10):
+        super().__init__()
+        self.fc1, self.relu1 = nn.Linear(in_features, hidden), nn.ReLU()
+        self.fc2, self.relu2 = nn.Linear(hidden, hidden), nn.ReLU()
+        self.fc3 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 convolutions (32, 64, 128 channels, the last two strided) + global pool + linear."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, width, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.conv3(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+FUSE = {
+    "mlp": [["fc1", "relu1"], ["fc2", "relu2"]],
+    "cnn": [["conv1", "relu1"], ["conv2", "relu2"], ["conv3", "relu3"]],
+}
+
+
+def build_model(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The float model, an input batch and its labels (seeded; smaller with ``quick``)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = MLP(256, 256) if quick else MLP()
+        x = torch.randn(BATCH, model.fc1.in_features, generator=gen)
+    elif name == "cnn":
+        model = SmallCNN(8) if quick else SmallCNN()
+        x = torch.randn(BATCH, 3, 32, 32, generator=gen)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    y = torch.randint(0, 10, (BATCH,), generator=gen)
+    return model, x, y
+
+
+def tquant_model(model: nn.Module) -> nn.Module:
+    """8-bit weights and activations with tquant's default conversions."""
+    import tquant
+
+    qmap = tquant.QuantizationMap()
+    qmap.default_qconfig.weight_quant.n_bits = 8
+    qmap.default_qconfig.activation_quant.n_bits = 8
+    tquant.append_default_conversions(qmap)
+    return tquant.convert_to_quantized(copy.deepcopy(model), qmap)
+
+
+class _AOWrapper(nn.Module):
+    """QuantStub -> model -> DeQuantStub, as eager-mode torch.ao QAT requires."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.body, self.dequant = QuantStub(), body, DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.body(self.quant(x)))
+
+
+def torch_ao_model(model: nn.Module, name: str) -> nn.Module:
+    """Eager torch.ao QAT: fuse Linear/Conv+ReLU, default ``x86`` QAT qconfig, ``prepare_qat``."""
+    with warnings.catch_warnings():  # torch.ao's deprecation and reduce_range notices
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import fuse_modules_qat, get_default_qat_qconfig, prepare_qat
+
+        body = copy.deepcopy(model).train()
+        body = fuse_modules_qat(body, FUSE[name])
+        wrapped = _AOWrapper(body).train()
+        wrapped.qconfig = get_default_qat_qconfig("x86")
+        return prepare_qat(wrapped)
+
+
+def count_fake_quantizers(model: nn.Module) -> int:
+    """Quantizer modules in a model (tquant managers or torch.ao fake-quant modules)."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    try:
+        from tquant import QuantizationManager
+    except ImportError:  # pragma: no cover
+        QuantizationManager = ()
+    return sum(isinstance(m, (FakeQuantizeBase, QuantizationManager)) for m in model.modules())
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One training step: zero grads, forward, cross-entropy, backward, SGD (momentum 0.9)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def run_benchmark(models, *, quick: bool, reps: int | None, warmup: int | None, log=print) -> list[dict]:
+    """Time every variant of every model, interleaved; returns the rows."""
+    rows = []
+    for name in models:
+        model, x, y = build_model(name, quick)
+        variants = {
+            "float": copy.deepcopy(model),
+            "tquant": tquant_model(model),
+            "torch.ao": torch_ao_model(model, name),
+        }
+        steps = {v: make_step(m, x, y) for v, m in variants.items()}
+        samples = common.bench_interleaved(
+            steps,
+            reps=reps or (4 if quick else (80 if name == "mlp" else 40)),
+            warmup=warmup if warmup is not None else (1 if quick else 5),
+            max_seconds=None if quick else 60.0,
+        )
+        stats = {v: common.summarize(s) for v, s in samples.items()}
+        base = stats["float"]["median"]
+        for v, st in stats.items():
+            rows.append(
+                {
+                    "model": name,
+                    "batch": BATCH,
+                    "variant": v,
+                    "median_ms": st["median"],
+                    "p20_ms": st["p20"],
+                    "p80_ms": st["p80"],
+                    "n": st["n"],
+                    "overhead_vs_float": st["median"] / base,
+                    "fake_quantizers": count_fake_quantizers(variants[v]),
+                }
+            )
+        log(
+            f"{name:<4} "
+            + "  ".join(f"{v}={s['median']:.3f}ms (x{s['median'] / base:.3f})" for v, s in stats.items())
+        )
+    return rows
+
+
+def write_markdown(path: Path, env: dict, rows: list[dict], history: list[dict]) -> None:
+    """The run's table, the acceptance verdict per model, and the overheads of every recorded run."""
+    parts = [
+        f"# QAT training step, 8-bit weights and activations — {env['device']}",
+        "",
+        "Generated by `python -m tquant.benchmarks.bench_qat`. One step = zero_grad, forward, cross-entropy, "
+        f"backward, SGD (momentum) on a batch of {BATCH}; medians of interleaved repetitions; overhead = "
+        "variant step / float step. MLP 512-1024-1024-10; CNN 3x3 convs 32/64/128 channels on 32x32 inputs, "
+        "global pool, linear. tquant: per-tensor symmetric weights (current min/max), running-min/max output "
+        "activations. torch.ao: eager QAT, Linear/Conv+ReLU fused, default x86 QAT qconfig (per-channel "
+        "weights, fused moving-average observer/fake-quant activations), QuantStub at the input.",
+        "",
+        common.environment_markdown(env),
+        "",
+        common.markdown_table(
+            rows,
+            [
+                ("model", "model", ""),
+                ("variant", "variant", ""),
+                ("median_ms", "step ms", ".3f"),
+                ("p20_ms", "p20 ms", ".3f"),
+                ("p80_ms", "p80 ms", ".3f"),
+                ("overhead_vs_float", "overhead vs float", ".3f"),
+                ("fake_quantizers", "quantizers", ""),
+            ],
+        ),
+        "",
+    ]
+    for model in MODELS:
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        if "tquant" in by and "torch.ao" in by:
+            t, a = by["tquant"]["overhead_vs_float"], by["torch.ao"]["overhead_vs_float"]
+            verdict = "no more than" if t <= a else "MORE than"
+            parts.append(
+                f"- **Acceptance, {model}:** tquant's overhead ({t:.3f}x) is {verdict} torch.ao's ({a:.3f}x)."
+            )
+    parts.append("")
+    runs: dict[tuple, dict] = {}
+    for r in history:
+        if r.get("variant") in ("tquant", "torch.ao"):
+            runs.setdefault((r["run_id"], r["model"]), {"run": r["run_id"], "model": r["model"]})[
+                r["variant"]
+            ] = r["overhead_vs_float"]
+    if runs:
+        parts += [
+            "## Overheads in every run recorded in qat.csv",
+            "",
+            common.markdown_table(
+                list(runs.values()),
+                [
+                    ("run", "run", ""),
+                    ("model", "model", ""),
+                    ("tquant", "tquant overhead", ".3f"),
+                    ("torch.ao", "torch.ao overhead", ".3f"),
+                ],
+            ),
+            "",
+        ]
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def plot(path: Path, env: dict, rows: list[dict]) -> bool:
+    """Grouped bars of the step-time overhead over float per model. False without matplotlib."""
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    width = 0.8 / len(VARIANTS)
+    for i, v in enumerate(VARIANTS):
+        vals = [
+            next((r["overhead_vs_float"] for r in rows if r["model"] == m and r["variant"] == v), 0.0)
+            for m in models
+        ]
+        bars = ax.bar([k + (i - 1) * width for k in range(len(models))], vals, width, label=v)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("step time / float step")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.legend()
+    ax.set_title(f"QAT step overhead, 8-bit W/A, batch {BATCH} — {env['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Command-line options (shared with ``tquant bench qat``)."""
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m tquant.benchmarks.bench_qat", description=__doc__.splitlines()[0]
+    )
+    common.add_common_args(parser)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run, write ``qat.{csv,json,md,png}`` into the results folder, print where."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    out = common.resolve_out_dir(args, device)
+    out.mkdir(parents=True, exist_ok=True)
+    env = common.environment(device)
+    print(
+        f"bench_qat on {env['device']} ({env['threads']} threads, load {env['loadavg_1m']}), "
+        f"torch {env['torch']}"
+    )
+    rows = run_benchmark(args.models, quick=args.quick, reps=args.reps, warmup=args.warmup)
+    run_id = common.new_run_id(env)
+    for r in rows:
+        r.update(run_id=run_id, device=env["device"], torch=env["torch"])
+    common.append_csv(out / "qat.csv", rows, CSV_FIELDS)
+    common.write_json(out / "qat.json", env, rows)
+    write_markdown(out / "qat.md", env, rows, common.read_csv(out / "qat.csv"))
+    if not args.no_plot and not plot(out / "qat.png", env, rows):
+        print("matplotlib not installed: no plot")
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
