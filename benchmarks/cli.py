@@ -19,7 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench",
         help="run a benchmark and write its results",
-        description="Run a tquant benchmark; results go to benchmarks/results/<device>/.",
+        description=(
+            "Run a tquant benchmark; results go to --out, else benchmarks/results/<device>/ in a source "
+            "checkout or ./tquant-bench-results/<device>/."
+        ),
     )
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(parser))
     for name, (module_name, help_text) in BENCHES.items():

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-"""Where committed results live: ``RESULTS_ROOT / device_slug(device)``."""
+_HERE = Path(__file__).resolve().parent
+RESULTS_ROOT = _HERE / "results" if (_HERE.parent / "pyproject.toml").exists() else Path.cwd() / "tquant-bench-results"
+"""Where results go by default: ``benchmarks/results/`` in a source checkout (committed results),
+``./tquant-bench-results/`` when tquant runs from a plain install (never into site-packages)."""
 
 
 # -- device description ------------------------------------------------------------------------
@@ -68,7 +70,7 @@ def device_slug(device: torch.device | str) -> str:
 
 
 def default_out_dir(device: torch.device | str) -> Path:
-    """``benchmarks/results/<device_slug>/``."""
+    """``RESULTS_ROOT/<device_slug>/`` (``benchmarks/results/...`` in a source checkout)."""
     return RESULTS_ROOT / device_slug(device)
 
 
