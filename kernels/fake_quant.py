@@ -34,45 +34,34 @@ def _qparams_fast(delta, zero_float, signed, n_bits, symmetric):
     return scale, zp, qmin, qmax
 
 
-def _fake_quant_host_scalars(x, delta, zero_float, signed, n_bits, symmetric, with_mask):
-    """CPU per-tensor: qparams as Python floats put every pass on torch's scalar fast path."""
-    scale, zp, qmin, qmax = scalar_qparams(delta, zero_float, signed, n_bits, symmetric)
+def _quantize_in_place(x, scale, zp, qmin, qmax, with_mask):
+    """The reference's passes on one new fp32 buffer: ``(y, mask)``.
+
+    ``scale``/``zp``/``qmin``/``qmax`` are Python floats (CPU, per tensor: torch's scalar fast
+    path) or tensors broadcasting against ``x``; ``zp`` is None for a symmetric quantizer.
+    """
     v = torch.div(x.float(), scale)
     v.round_()
-    v.add_(zp)  # also for zp = 0: round's -0.0 becomes +0.0, as in the reference
+    v.add_(0.0 if zp is None else zp)  # zp = 0 too: round's -0.0 becomes +0.0, as in the reference
     mask = x.new_empty(0, dtype=torch.bool)
     if with_mask:
         mask = torch.ge(v, qmin)
         mask.logical_and_(torch.le(v, qmax))
     v.clamp_(qmin, qmax)
-    if zp:
+    if zp is not None:
         v.sub_(zp)
     v.mul_(scale)
     return (v if v.dtype == x.dtype else v.to(x.dtype)), mask
 
 
 def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
-    """Torch fast path: bit-identical to the reference, in place on one fp32 buffer."""
+    """Torch fast path: bit-identical to the reference."""
     if x.device.type == "cpu" and axis < 0:
-        return _fake_quant_host_scalars(x, delta, zero_float, signed, n_bits, symmetric, with_mask)
+        scale, zp, qmin, qmax = scalar_qparams(delta, zero_float, signed, n_bits, symmetric)
+        return _quantize_in_place(x, scale, None if symmetric else zp, qmin, qmax, with_mask)
     scale, zp, qmin, qmax = _qparams_fast(delta, zero_float, signed, n_bits, symmetric)
-    scale = param_view(scale, x, axis)
-    v = torch.div(x.float(), scale)
-    v.round_()
-    if zp is not None:
-        zp = param_view(zp, x, axis)
-        v.add_(zp)
-    else:
-        v.add_(0.0)  # the reference adds zp = 0 too: round's -0.0 becomes +0.0 (same bits as aihwkit)
-    mask = x.new_empty(0, dtype=torch.bool)
-    if with_mask:
-        mask = torch.ge(v, qmin)
-        mask.logical_and_(torch.le(v, qmax))
-    v.clamp_(qmin, qmax)
-    if zp is not None:
-        v.sub_(zp)
-    v.mul_(scale)
-    return (v if v.dtype == x.dtype else v.to(x.dtype)), mask
+    zp = None if zp is None else param_view(zp, x, axis)
+    return _quantize_in_place(x, param_view(scale, x, axis), zp, qmin, qmax, with_mask)
 
 
 def _fake_quant_impl(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):

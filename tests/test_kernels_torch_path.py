@@ -176,3 +176,24 @@ def test_host_scalar_math_is_the_reference_bit_for_bit(lo, hi, old_lo, old_hi, m
         assert torch.equal(got, want)
     want_y = ref.fake_quant_reference(x, *expected[2:], n_bits, symmetric)
     assert torch.equal(y, want_y) and torch.equal(torch.signbit(y), torch.signbit(want_y))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.floats(-1e4, 1e4, width=32), st.floats(-1e4, 1e4, width=32),
+                            st.floats(-1e4, 1e4, width=32), st.floats(-1e4, 1e4, width=32)), min_size=1, max_size=5),
+    momentum=st.floats(0.0, 0.99), n_bits=st.integers(2, 16), symmetric=st.booleans(),
+    estimator=st.sampled_from([K.ESTIMATOR_CURRENT, K.ESTIMATOR_ALL, K.ESTIMATOR_RUNNING]),
+)
+def test_host_channel_math_is_the_reference_bit_for_bit(rows, momentum, n_bits, symmetric, estimator):
+    t = torch.tensor(rows)
+    x, old_lo, old_hi = t[:, :2], t[:, 2].clone(), t[:, 3].clone()
+    c = x.shape[0]
+    state = [old_lo.clone(), old_hi.clone(), torch.empty(c), torch.empty(c), torch.zeros((), dtype=torch.bool)]
+    expected = ref.update_range_reference(*ref.batch_minmax_reference(x, 0), old_lo, old_hi, estimator, momentum,
+                                          False)
+    expected = (*expected, *ref.qparams_from_range(*expected, n_bits, symmetric))
+    with K.use_backend("torch"):
+        K.update_range(x, *state, n_bits, symmetric, 0, estimator, momentum, False)
+    for got, want in zip(state, expected):
+        assert torch.equal(got, want)
