@@ -174,6 +174,12 @@ def test_batchnorm_conversion(backend):
     assert isinstance(qnet[1], tquant.QuantBatchNorm2d) and qnet[1].module is not net[1]
     out = qnet(torch.randn(2, 2, 6, 6))
     assert out.unique().numel() <= 256
+    bn = qnet[1]
+    assert bn.caching
+    bn.caching = False
+    assert not bn.act_bn_quantizer.caching and not bn.caching
+    bn.fix_ranges()
+    assert bn.act_bn_quantizer.activation_quantizer.state.name == "fix_ranges"
 
 
 def test_append_default_conversions_keeps_existing_entries_and_copies_default():

@@ -133,7 +133,18 @@ _MODEL_METHODS = (
 
 
 class QuantizedModel(nn.Module):
-    """Optional parent of a quantized model: every state helper as a method (aihwkit's ``QuantizedModel``)."""
+    """Optional parent of a quantized model: every state helper as a method (aihwkit's ``QuantizedModel``),
+    and ``caching``, which reads and sets the eval weight cache of every quantized module inside."""
+
+    @property
+    def caching(self) -> bool:
+        return all(m.caching for m in self.modules() if isinstance(m, QuantizedModule))
+
+    @caching.setter
+    def caching(self, value: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, QuantizedModule):
+                module.caching = value
 
 
 def _as_method(helper):
