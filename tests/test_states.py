@@ -200,3 +200,16 @@ def test_learn_ranges_skips_uninitialised_and_estimate_after_learn_works(backend
     tquant.learn_ranges(qnet)
     tquant.estimate_ranges(qnet)
     qnet(torch.randn(3, 6) * 3)  # writes the (trainable) parameters without an autograd error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_model_keeps_fp32_quantizer_state(dtype, backend):
+    qnet = tquant.convert_to_quantized(mlp(), small_qmap())
+    qnet(torch.randn(4, 6))
+    qnet.to(dtype)
+    states = [t for m in managers(qnet) for t in (m.quantizer._delta, m.range_estimator.current_xmin)]
+    assert all(t.dtype == torch.float32 for t in states)
+    assert qnet[0].weight.dtype == dtype
+    y = qnet(torch.randn(4, 6, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert all(t.dtype == torch.float32 for t in states)

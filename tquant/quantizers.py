@@ -24,7 +24,19 @@ from .errors import QuantizerNotInitializedError
 from .kernels.reference import EPS, grid_bounds, scale_and_zero_point
 
 
-class QuantizerBase(nn.Module):
+class Fp32StateMixin:
+    """Keep a module's floating-point state in fp32 through ``model.half()`` / ``.to(dtype)``:
+    quantizer math is fp32 whatever the data's dtype (DESIGN §3), so ranges and scales are too."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for tensor in [*self._parameters.values(), *self._buffers.values()]:
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+        return self
+
+
+class QuantizerBase(Fp32StateMixin, nn.Module):
     """Common state and behaviour of the symmetric and asymmetric uniform quantizers."""
 
     symmetric: bool = True

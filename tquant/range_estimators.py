@@ -18,9 +18,10 @@ from torch import nn
 from . import kernels
 from .config import OptMethod, RangeEstimators
 from .kernels.reference import update_range_reference
+from .quantizers import Fp32StateMixin
 
 
-class RangeEstimatorBase(nn.Module):
+class RangeEstimatorBase(Fp32StateMixin, nn.Module):
     """Base class. ``per_channel`` ranges are along dim 0; ``quantizer`` gives the search
     estimators the bits and symmetry (it is not registered as a submodule)."""
 
