@@ -328,6 +328,18 @@ def _n_splits(x: torch.Tensor, n_row_blocks: int, n_col_blocks: int) -> int:
     return max(1, min(n_col_blocks, target // max(n_row_blocks, 1)))
 
 
+def _split_plan(x: torch.Tensor, rows: int, cols: int, per_channel: bool):
+    """Grid of a split reduction over a ``[rows, cols]`` view: ``(block_c, block_r, num_warps, n_split,
+    n_programs, n_channels, n_partials)``; partials are laid out ``[n_channels, n_partials]``."""
+    block_c, block_r, num_warps = _tile(rows, cols)
+    n_rb, n_cb = triton.cdiv(rows, block_c), triton.cdiv(cols, block_r)
+    n_split = _n_splits(x, n_rb, n_cb)
+    n_programs = n_rb * n_split
+    n_channels = rows if per_channel else 1
+    n_partials = n_split if per_channel else n_programs
+    return block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials
+
+
 def _finalize_blocks(n_channels: int, n_partials: int) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_P)`` of a finalize step over ``[n_channels, n_partials]`` partials."""
     block_p = min(_FINALIZE_BLOCK_P, _next_pow2(max(n_partials, 1)))
@@ -472,12 +484,9 @@ def fake_quant_range_grads_triton(
     signed_u8 = _signed_u8(signed)
     delta_c, zf_c = delta.contiguous(), zero_float.contiguous()
     (gv, xv), _, rows, cols, ((sg_row, sg_col), (sx_row, sx_col)) = _as_2d([grad, x], per_channel)
-    block_c, block_r, num_warps = _tile(rows, cols)
-    n_rb, n_cb = triton.cdiv(rows, block_c), triton.cdiv(cols, block_r)
-    n_split = _n_splits(x, n_rb, n_cb)
-    n_programs = n_rb * n_split
-    n_channels = rows if per_channel else 1
-    n_partials = n_split if per_channel else n_programs
+    block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
+        x, rows, cols, per_channel
+    )
     part_s = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
     part_z = part_s if symmetric else torch.empty_like(part_s)
     grad_delta = torch.empty(delta.shape, dtype=torch.float32, device=x.device)

@@ -34,8 +34,7 @@ from ._triton_fake_quant import (
     _launch_opts,
     _maximum,
     _minimum,
-    _n_splits,
-    _tile,
+    _split_plan,
 )
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
 
@@ -188,12 +187,9 @@ def _check_input(x: torch.Tensor, axis: int, op: str) -> bool:
 def _minmax_partials(x: torch.Tensor, per_channel: bool):
     """Launch pass 1; returns ``(pmin, pmax, C, P)`` with partials laid out ``[C, P]``."""
     (xv,), _, rows, cols, ((s_row, s_col),) = _as_2d([x], per_channel)
-    block_c, block_r, num_warps = _tile(rows, cols)
-    n_rb, n_cb = triton.cdiv(rows, block_c), triton.cdiv(cols, block_r)
-    n_split = _n_splits(x, n_rb, n_cb)
-    n_programs = n_rb * n_split
-    n_channels = rows if per_channel else 1
-    n_partials = n_split if per_channel else n_programs
+    block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
+        x, rows, cols, per_channel
+    )
     pmin = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
     pmax = torch.empty_like(pmin)
     if n_programs > 0:
