@@ -192,7 +192,7 @@ def _range_grads_partials_kernel(
         # y = s * (c - zp): dy/ds = (c - zp) - inside * x / s ; dy/dzp = s * (inside - 1)
         acc_s += tl.where(m, g * tl.where(inside, c - xs, c), 0.0)
         if not SYMMETRIC:
-            acc_z += tl.where(m, tl.where(inside, 0.0, -g) * scale, 0.0)
+            acc_z += tl.where(m, tl.where(inside, 0.0, g * -1.0) * scale, 0.0)
     if PER_CHANNEL:
         tl.store(p_ps + rows * P + split, tl.sum(acc_s, axis=1), mask=rmask)
         if not SYMMETRIC:
@@ -425,34 +425,39 @@ def fake_quant_forward_triton(
         >>> fake_quant_forward_triton(x, torch.tensor(0.1), torch.tensor(0.0), torch.tensor(True),
         ...                           8, True, -1, False)
     """
-    per_channel = _check_common(x, [delta, zero_float], n_bits, axis, "fake_quant")
-    signed_u8 = _signed_u8(signed)
-    y = torch.empty_like(x)
-    mask = torch.empty_like(x, dtype=torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
-    if x.numel() == 0:
+    _check_common(x, [delta, zero_float], n_bits, axis, "fake_quant")
+    from ._triton_plan import plan_for
+
+    y, mask = launch_fake_quant(plan_for(x, axis), x, delta.contiguous(), zero_float.contiguous(),
+                                _signed_u8(signed), n_bits, symmetric, with_mask)
+    return y, (mask if with_mask else x.new_empty(0, dtype=torch.bool))
+
+
+def launch_fake_quant(plan, x, delta, zero_float, signed_u8, n_bits: int, symmetric: bool, with_mask: bool):
+    """One launch of :func:`_fake_quant_fwd_kernel` on a checked input: ``(y, mask or None)``.
+
+    ``plan`` is the :class:`~tquant.kernels._triton_plan.TritonPlan` of ``x``; ``y`` and ``mask``
+    get the plan's output strides (those of ``torch.empty_like(x)``).
+    """
+    if plan.contiguous:
+        x = x.contiguous()
+    stride = x.stride() if plan.staged else plan.y_stride
+    y = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device)
+    mask = torch.empty_strided(x.shape, stride, dtype=torch.bool, device=x.device) if with_mask else None
+    if plan.grid[0] == 0:
         return y, mask
-    if with_mask and mask.stride() != y.stride():  # empty_like gives both the same layout
-        mask = torch.empty_strided(y.shape, y.stride(), dtype=torch.bool, device=y.device)
-    plan = _as_2d([x], per_channel, [y])
-    if plan is None:  # an output layout no 2-D view describes: compute contiguous, then copy
-        yc, mc = fake_quant_forward_triton(x.contiguous(), delta, zero_float, signed, n_bits, symmetric, axis,
-                                           with_mask)
-        y.copy_(yc)
-        if with_mask:
-            mask.copy_(mc)
-        return y, mask
-    (xv,), (yv,), rows, cols, ((sx_row, sx_col), (sy_row, sy_col)) = plan
-    mv = mask.view(torch.uint8).as_strided(yv.shape, yv.stride()) if with_mask else yv
-    block_c, block_r, num_warps = _tile(rows, cols)
-    grid = (triton.cdiv(rows, block_c) * triton.cdiv(cols, block_r),)
-    full, half = _grid_consts(n_bits)
     with _device_ctx(x):
-        _fake_quant_fwd_kernel[grid](
-            xv, yv, mv, delta.contiguous(), zero_float.contiguous(),
-            signed_u8, rows, cols, sx_row, sx_col, sy_row, sy_col, full, half,
-            SYMMETRIC=bool(symmetric), PER_CHANNEL=per_channel, HAS_MASK=bool(with_mask),
-            BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps, **_launch_opts(),
+        _fake_quant_fwd_kernel[plan.grid](
+            x, y, mask.view(torch.uint8) if with_mask else y, delta, zero_float, signed_u8,
+            plan.rows, plan.cols, plan.sx[0], plan.sx[1], plan.sy[0], plan.sy[1],
+            float(2**n_bits - 1), float(2 ** (n_bits - 1)),
+            SYMMETRIC=bool(symmetric), PER_CHANNEL=plan.per_channel, HAS_MASK=bool(with_mask),
+            BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, num_warps=plan.num_warps, **_launch_opts(),
         )
+    if plan.staged:
+        y = torch.empty_strided(x.shape, plan.y_stride, dtype=x.dtype, device=x.device).copy_(y)
+        if with_mask:
+            mask = torch.empty_strided(x.shape, plan.y_stride, dtype=torch.bool, device=x.device).copy_(mask)
     return y, mask
 
 

@@ -1,16 +1,19 @@
 """Triton kernels for ``tquant::batch_minmax`` and ``tquant::update_range``.
 
-``update_range`` is the first half of the QAT training forward (DESIGN §4), in two launches
-whatever the values, with no host synchronisation:
+``update_range`` is the first half of the QAT training forward (DESIGN §4): ONE launch of
+``_update_range_kernel`` whatever the values, with no host synchronisation:
 
-1. ``_minmax_partials_kernel`` — a split reduction: each program reduces a strided set of
-   tiles of one row block to the min and max of the finite values, written to a small fp32
-   partials buffer (``[C, P]`` per channel, one pair per program per tensor). No atomics, so
-   no buffer to initialise and the result does not depend on scheduling.
-2. ``_update_range_finalize_kernel`` — one program: reduces the partials, applies the
-   estimator (current / all / running EMA, or the batch alone on the first call), clamps the
-   range to ``x_min <= 0 < x_max``, takes the symmetric sign across all channels, and writes
-   ``range_min``, ``range_max``, ``delta``, ``zero_float`` and ``signed`` in place.
+- a split reduction: each program reduces a strided set of tiles of one row block to the min
+  and max of the finite values, published to a small fp32 partials buffer (``[C, P]`` per
+  channel, one pair per program per tensor) in the plan's workspace;
+- the last program to arrive (an atomic counter, reset by that program) reduces the partials
+  in a fixed order (so the result does not depend on scheduling), applies the estimator
+  (current / all / running EMA; a NaN old range or ``first`` takes the batch), clamps the range
+  to ``x_min <= 0 < x_max``, takes the symmetric sign across all channels, and writes
+  ``range_min``, ``range_max``, ``delta``, ``zero_float`` and ``signed`` in place.
+
+``batch_minmax`` (the half used when ranges are all-reduced across processes) keeps two
+launches: partials, then a finalize that only reduces them.
 
 The fake-quant pass (``_triton_fake_quant.py``) then reads ``delta``/``zero_float``/``signed``
 from the device and recomputes scale, zero point and grid in every program.
@@ -30,12 +33,12 @@ from ._triton_fake_quant import (
     _as_2d,
     _device_ctx,
     _finalize_blocks,
-    _grid_consts,
     _launch_opts,
     _maximum,
     _minimum,
     _split_plan,
 )
+from ._triton_plan import plan_for
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
 
 __all__ = ["batch_minmax_triton", "update_range_triton"]
@@ -46,6 +49,22 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _RULE_BATCH = 0  # first batch or current_minmax: the batch range
 _RULE_ALL = 1  # min of mins, max of maxes
 _RULE_EMA = 2  # (1 - m) * batch + m * old, finite fallbacks
+
+
+@triton.jit
+def _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Min / max of the finite values of row block ``rows`` over column tiles ``split, split + P, ...``."""
+    lo = tl.full([BLOCK_C, BLOCK_R], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_C, BLOCK_R], float("-inf"), tl.float32)
+    n_cb = tl.cdiv(COLS, BLOCK_R)
+    for cb in range(split, n_cb, P):
+        cols = cb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        m = rmask[:, None] & (cols < COLS)[None, :]
+        x = tl.load(p_x + rows[:, None] * sx_row + cols[None, :] * sx_col, mask=m, other=0.0).to(tl.float32)
+        ok = m & (tl.abs(x) < float("inf"))  # NaN and +-inf are left out
+        lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
+        hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+    return lo, hi
 
 
 @triton.jit
@@ -60,16 +79,7 @@ def _minmax_partials_kernel(
     split = pid - rb * P
     rows = rb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     rmask = rows < ROWS
-    lo = tl.full([BLOCK_C, BLOCK_R], float("inf"), tl.float32)
-    hi = tl.full([BLOCK_C, BLOCK_R], float("-inf"), tl.float32)
-    n_cb = tl.cdiv(COLS, BLOCK_R)
-    for cb in range(split, n_cb, P):
-        cols = cb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        m = rmask[:, None] & (cols < COLS)[None, :]
-        x = tl.load(p_x + rows[:, None] * sx_row + cols[None, :] * sx_col, mask=m, other=0.0).to(tl.float32)
-        ok = m & (tl.abs(x) < float("inf"))  # NaN and +-inf are left out
-        lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
-        hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+    lo, hi = _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
     if PER_CHANNEL:
         tl.store(p_pmin + rows * P + split, tl.min(lo, axis=1), mask=rmask)
         tl.store(p_pmax + rows * P + split, tl.max(hi, axis=1), mask=rmask)
@@ -80,15 +90,19 @@ def _minmax_partials_kernel(
 
 @triton.jit
 def _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Batch ``(min, max)`` of channels ``rows`` from their ``[C, P]`` partials."""
+    """Batch ``(min, max)`` of channels ``rows`` from their ``[C, P]`` partials.
+
+    ``volatile`` loads: in the fused update the partials were written by other programs of the
+    same launch, so they must come from L2, never from a stale L1 line.
+    """
     lo = tl.full([BLOCK_C, BLOCK_P], float("inf"), tl.float32)
     hi = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
     for p0 in range(0, P, BLOCK_P):
         cols = p0 + tl.arange(0, BLOCK_P)
         m = rmask[:, None] & (cols < P)[None, :]
         offs = rows[:, None] * P + cols[None, :]
-        lo = tl.minimum(lo, tl.load(p_pmin + offs, mask=m, other=float("inf")))
-        hi = tl.maximum(hi, tl.load(p_pmax + offs, mask=m, other=float("-inf")))
+        lo = tl.minimum(lo, tl.load(p_pmin + offs, mask=m, other=float("inf"), volatile=True))
+        hi = tl.maximum(hi, tl.load(p_pmax + offs, mask=m, other=float("-inf"), volatile=True))
     return tl.min(lo, axis=1), tl.max(hi, axis=1)
 
 
@@ -104,7 +118,10 @@ def _ema(b, old, one_minus_m, m):
 @triton.jit
 def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
                RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The running range after this batch for channels ``rows`` (``update_range_reference``)."""
+    """The running range after this batch for channels ``rows`` (``update_range_reference``).
+
+    A NaN old range means "no range yet": those channels take the batch range.
+    """
     bmin, bmax = _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C, BLOCK_P)
     if RULE == 0:
         new_min = bmin
@@ -118,6 +135,8 @@ def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
         else:
             new_min = _ema(bmin, old_min, one_minus_m, m)
             new_max = _ema(bmax, old_max, one_minus_m, m)
+        new_min = tl.where(old_min != old_min, bmin, new_min)
+        new_max = tl.where(old_max != old_max, bmax, new_max)
     return new_min, new_max
 
 
@@ -133,12 +152,12 @@ def _batch_minmax_finalize_kernel(p_pmin, p_pmax, p_bmin, p_bmax, C, P,
 
 
 @triton.jit
-def _update_range_finalize_kernel(
+def _finalize_state(
     p_pmin, p_pmax, p_rmin, p_rmax, p_delta, p_zf, p_signed,
     C, P, one_minus_m, m, full, half,
     SYMMETRIC: tl.constexpr, RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """One program: new running range and ``qparams_from_range`` for all ``C`` channels.
+    """New running range and ``qparams_from_range`` for all ``C`` channels, in one program.
 
     Symmetric quantizers need the sign over all channels before any ``delta``: a first loop only
     reads (partials, old range) to find it, the second recomputes the range and writes, so no
@@ -168,10 +187,51 @@ def _update_range_finalize_kernel(
             zero_float = tl.zeros([BLOCK_C], dtype=tl.float32)
         else:
             delta = tl.math.div_rn(x_max - x_min, full)
-            zero_float = tl.math.div_rn(-x_min, delta)
+            # x * -1.0, not -x: compiled Triton negates as 0 - x, which gives +0.0 for x = +0.0
+            # where torch's -x gives the reference's -0.0.
+            zero_float = tl.math.div_rn(x_min * -1.0, delta)
         tl.store(p_delta + rows, delta, mask=rmask)
         tl.store(p_zf + rows, zero_float, mask=rmask)
     tl.store(p_signed, (neg > 0).to(tl.uint8))
+
+
+@triton.jit
+def _update_range_kernel(
+    p_x, p_bmin, p_bmax, p_count, p_rmin, p_rmax, p_delta, p_zf, p_signed,
+    ROWS, COLS, sx_row, sx_col, P, N_PROGRAMS, C, one_minus_m, m, full, half,
+    PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr, RULE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, FIN_C: tl.constexpr,
+):
+    """The whole range update in one launch: a split min/max reduction whose last program finalises.
+
+    Each program folds its min / max into ``bmin`` / ``bmax`` (``[C]``, +inf / -inf between
+    launches) with atomic min / max — exact and order-independent, so the result does not depend
+    on scheduling — then bumps ``count``. The program that sees ``count == N_PROGRAMS - 1``
+    acquires the batch range, runs :func:`_finalize_state`, and restores ``bmin``, ``bmax`` and
+    ``count`` for the next launch: no fill kernel, no host synchronisation.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid // P
+    split = pid - rb * P
+    rows = rb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    rmask = rows < ROWS
+    lo, hi = _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
+    if PER_CHANNEL:
+        tl.atomic_min(p_bmin + rows, tl.min(lo, axis=1), mask=rmask, sem="release")
+        tl.atomic_max(p_bmax + rows, tl.max(hi, axis=1), mask=rmask, sem="release")
+    else:
+        tl.atomic_min(p_bmin, tl.min(tl.min(lo, axis=1), axis=0), sem="release")
+        tl.atomic_max(p_bmax, tl.max(tl.max(hi, axis=1), axis=0), sem="release")
+    tl.debug_barrier()
+    done = tl.atomic_add(p_count, 1, sem="acq_rel")
+    if done == N_PROGRAMS - 1:
+        _finalize_state(p_bmin, p_bmax, p_rmin, p_rmax, p_delta, p_zf, p_signed, C, 1,
+                        one_minus_m, m, full, half, SYMMETRIC, RULE, FIN_C, 1)
+        for c0 in range(0, C, FIN_C):
+            rows = c0 + tl.arange(0, FIN_C).to(tl.int64)
+            tl.store(p_bmin + rows, float("inf"), mask=rows < C)
+            tl.store(p_bmax + rows, float("-inf"), mask=rows < C)
+        tl.store(p_count, 0)
 
 
 def _check_input(x: torch.Tensor, axis: int, op: str) -> bool:
@@ -246,7 +306,8 @@ def update_range_triton(
         range_min, range_max, delta, zero_float: fp32, contiguous, 0-dim (``axis=-1``) or
             ``[x.shape[0]]`` (``axis=0``); overwritten.
         signed: 0-dim bool, overwritten.
-    Two launches, no host synchronisation; ``first`` and ``estimator`` only pick the kernel variant.
+    One launch, no host synchronisation; ``first`` and ``estimator`` only pick the kernel variant.
+    A NaN in ``range_min``/``range_max`` means "no range yet" (that channel takes the batch range).
     """
     per_channel = _check_input(x, axis, "update_range")
     if not isinstance(n_bits, int) or not 1 <= n_bits <= 16:
@@ -264,20 +325,30 @@ def update_range_triton(
             )
     if signed.dtype != torch.bool or signed.dim() != 0 or signed.device != x.device:
         raise ValueError(f"update_range: signed must be a 0-dim bool tensor on {x.device}")
+    launch_update_range(plan_for(x, axis), x.detach(), range_min, range_max, delta, zero_float,
+                        signed.view(torch.uint8), n_bits, symmetric, estimator, momentum, first)
+
+
+def launch_update_range(plan, x, range_min, range_max, delta, zero_float, signed_u8, n_bits: int, symmetric: bool,
+                        estimator: int, momentum: float, first: bool = False) -> None:
+    """One launch of :func:`_update_range_kernel` on a checked input (the hot path; see ``update_range_triton``).
+
+    ``plan`` is the :class:`~tquant.kernels._triton_plan.TritonPlan` of ``x``; ``signed_u8`` the
+    uint8 view of the 0-dim bool ``signed``.
+    """
+    if plan.contiguous:
+        x = x.contiguous()
     if first or estimator == ESTIMATOR_CURRENT:
         rule = _RULE_BATCH
-    elif estimator == ESTIMATOR_ALL:
-        rule = _RULE_ALL
     else:
-        rule = _RULE_EMA
-    full, half = _grid_consts(n_bits)
-    momentum = float(momentum)
+        rule = _RULE_ALL if estimator == ESTIMATOR_ALL else _RULE_EMA
+    bmin, bmax, count = plan.workspace()
+    n_programs = max(plan.n_programs, 1)
     with _device_ctx(x):
-        pmin, pmax, n_channels, n_partials = _minmax_partials(x.detach(), per_channel)
-        fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
-        _update_range_finalize_kernel[(1,)](
-            pmin, pmax, range_min, range_max, delta, zero_float, signed.view(torch.uint8),
-            n_channels, n_partials, 1.0 - momentum, momentum, full, half,
-            SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_C=fin_c, BLOCK_P=fin_p,
-            **_launch_opts(),
+        _update_range_kernel[(n_programs,)](
+            x, bmin, bmax, count, range_min, range_max, delta, zero_float, signed_u8,
+            plan.rows, plan.cols, plan.sx[0], plan.sx[1], plan.n_split, n_programs, plan.n_channels,
+            1.0 - momentum, momentum, float(2**n_bits - 1), float(2 ** (n_bits - 1)),
+            PER_CHANNEL=plan.per_channel, SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_C=plan.block_c,
+            BLOCK_R=plan.block_r, FIN_C=plan.fin_c, num_warps=plan.num_warps, **_launch_opts(),
         )

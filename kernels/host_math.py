@@ -21,13 +21,13 @@ EPS32 = float(F32(EPS))
 
 
 def update_range_host(bmin: np.ndarray, bmax: np.ndarray, old_min: np.ndarray | None, old_max: np.ndarray | None,
-                      estimator: int, momentum: float, first: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``update_range_reference`` in numpy float32."""
+                      estimator: int, momentum: float, first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``update_range_reference`` in numpy float32 (a NaN old range means "no range yet")."""
     if first or estimator == ESTIMATOR_CURRENT:
         return bmin, bmax
     if estimator == ESTIMATOR_ALL:
-        return np.minimum(old_min, bmin), np.maximum(old_max, bmax)
-    if estimator == ESTIMATOR_RUNNING:
+        new_min, new_max = np.minimum(old_min, bmin), np.maximum(old_max, bmax)
+    elif estimator == ESTIMATOR_RUNNING:
         a, m = F32(1 - momentum), F32(momentum)
 
         def ema(batch, old):
@@ -36,8 +36,10 @@ def update_range_host(bmin: np.ndarray, bmax: np.ndarray, old_min: np.ndarray | 
             ok_b, ok_o = np.isfinite(batch), np.isfinite(old)
             return np.where(ok_b & ok_o, value, np.where(ok_b, batch, old)).astype(F32)
 
-        return ema(bmin, old_min), ema(bmax, old_max)
-    raise ValueError(f"update_range: unknown estimator code {estimator}")
+        new_min, new_max = ema(bmin, old_min), ema(bmax, old_max)
+    else:
+        raise ValueError(f"update_range: unknown estimator code {estimator}")
+    return np.where(np.isnan(old_min), bmin, new_min), np.where(np.isnan(old_max), bmax, new_max)
 
 
 def qparams_host(x_min: np.ndarray, x_max: np.ndarray, n_bits: int, symmetric: bool):
@@ -82,10 +84,10 @@ def f32(v: float) -> float:
     return float(F32(v))
 
 
-def update_range_scalar(lo: float, hi: float, old_lo: float, old_hi: float, estimator: int, momentum: float,
-                        first: bool) -> tuple[float, float]:
+def update_range_scalar(lo: float, hi: float, old_lo: float | None, old_hi: float | None, estimator: int,
+                        momentum: float, first: bool = False) -> tuple[float, float]:
     """``update_range_host`` for one range held in Python floats (float32 values)."""
-    if first or estimator == ESTIMATOR_CURRENT:
+    if first or estimator == ESTIMATOR_CURRENT or old_lo != old_lo:  # NaN: no range yet
         return lo, hi
     if estimator == ESTIMATOR_ALL:
         return _nan_min(old_lo, lo), _nan_max(old_hi, hi)

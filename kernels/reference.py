@@ -179,13 +179,20 @@ def update_range_reference(
     old_max: torch.Tensor | None,
     estimator: int,
     momentum: float,
-    first: bool,
+    first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The new running range after a batch whose (finite) range is ``(bmin, bmax)``."""
+    """The new running range after a batch whose (finite) range is ``(bmin, bmax)``.
+
+    A NaN in the old range means "no range yet" (a quantizer's state before its first batch):
+    that element takes the batch range, as every element does when ``first`` is True. So the
+    first, initialising step and every later one run the same code on tensors of the same shape.
+    """
     if first or estimator == ESTIMATOR_CURRENT:
         return bmin, bmax
     if estimator == ESTIMATOR_ALL:
-        return torch.minimum(old_min, bmin), torch.maximum(old_max, bmax)
-    if estimator == ESTIMATOR_RUNNING:
-        return ema_range(bmin, old_min, momentum), ema_range(bmax, old_max, momentum)
-    raise ValueError(f"update_range: unknown estimator code {estimator}")
+        new_min, new_max = torch.minimum(old_min, bmin), torch.maximum(old_max, bmax)
+    elif estimator == ESTIMATOR_RUNNING:
+        new_min, new_max = ema_range(bmin, old_min, momentum), ema_range(bmax, old_max, momentum)
+    else:
+        raise ValueError(f"update_range: unknown estimator code {estimator}")
+    return torch.where(torch.isnan(old_min), bmin, new_min), torch.where(torch.isnan(old_max), bmax, new_max)

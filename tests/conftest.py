@@ -40,7 +40,13 @@ MODEL_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 
 @pytest.fixture(params=MODEL_BACKENDS)
 def backend(request):
-    """Run a model-level test on each backend: the torch path, and the Triton kernels
-    (compiled on a GPU, the interpreter on CPU tensors)."""
+    """Run a model-level test on each backend: the torch path, and the Triton kernels — in the
+    interpreter on CPU tensors, or compiled, on CUDA tensors, where a GPU exists. There the
+    Triton case runs with CUDA as the default device, so the test's models and tensors are
+    made on the GPU without the test naming a device."""
     with K.use_backend(request.param):
-        yield request.param
+        if request.param == "triton" and HAS_CUDA:
+            with torch.device("cuda"):
+                yield request.param
+        else:
+            yield request.param

@@ -1,65 +1,176 @@
-"""torch.compile(fullgraph=True) of quantized models: no graph breaks, same results as eager."""
+"""``torch.compile`` (default inductor backend, ``fullgraph=True``) of freshly converted models.
+
+Each model is converted, copied, and the copy compiled once; both then run the same QAT
+schedule — 3 training steps (forward, backward, SGD step) from the first, initialising one,
+eval, training again, eval again, then ``learn_ranges`` training and ``fix_ranges`` training.
+Every step starts both from the same state (the twin loads the eager model's state first). Where
+inductor runs the float ops around the quantizers as eager does (the MLP: matmuls are external
+calls), outputs and every quantizer's state (range, delta, zero point) must be equal bit for bit.
+Where it generates its own kernels for them (batch norm, layer norm, attention's softmax), their
+outputs differ from eager's in the last bits, and so do the ranges estimated from them: there the
+ranges must agree to float rounding, and the outputs within a few steps of the output quantizer
+(a code flipped upstream moves the codes after it) and 2 % relative L2 error.
+Gradients are compared (to float rounding) at every step whose outputs are equal, at least half
+of them. Dynamo's graph count shows that the initialising step and every later one share one
+graph (no recompile between step 1 and step 2) and that switching train/eval more than once adds
+none.
+"""
+
+from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import tquant
 
-from helpers import small_qmap
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def cnn():
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(),
-                         nn.Linear(4 * 3 * 3, 5))
+from models import cnn_case, make_qmap, mlp_case, transformer_case
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles new model instances: start from an empty dynamo cache."""
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 
 
-CASES = [pytest.param(mlp, (6, 12), id="mlp"), pytest.param(cnn, (2, 3, 8, 8), id="cnn")]
-
-
-@pytest.mark.parametrize("build, shape", CASES)
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_fullgraph_compile_matches_eager(build, shape, symmetric, backend):
+def encoder_case(**qkw):
+    """``nn.TransformerEncoderLayer`` (through ``MultiheadAttention``): its Linear/LayerNorm layers."""
     torch.manual_seed(0)
-    eager = tquant.convert_to_quantized(build(), small_qmap(8, 8, symmetric=symmetric, per_channel=True))
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    return layer, make_qmap(**qkw), lambda b: torch.randn(b, 5, 16)
+
+
+CASES = [
+    pytest.param(mlp_case, dict(per_channel=True), True, id="mlp"),
+    pytest.param(cnn_case, dict(per_channel=True), False, id="resnet-bn"),
+    pytest.param(encoder_case, dict(per_channel=True, symmetric=False), False, id="encoder-layer"),
+    pytest.param(transformer_case, dict(per_channel=False), False, id="embedding-layernorm"),
+]
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def assert_same_state(eager: nn.Module, twin: nn.Module, exact: bool, what: str, grads: bool = True) -> None:
+    """Quantizer state bit for bit when ``exact``, else to float rounding; gradients to float rounding
+    (called only when the outputs agree: a flipped code also flips straight-through masks)."""
+    for (name, a), b in zip(eager.named_parameters(), twin.parameters()):
+        if not grads or (a.grad is None and b.grad is None):
+            continue
+        tol = dict(rtol=1e-5, atol=1e-7) if exact else dict(rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(b.grad, a.grad, **tol, msg=f"{what}: gradient of {name}")
+    for (name, a), b in zip(eager.state_dict().items(), twin.state_dict().values()):
+        if "quantizer" not in name:
+            continue
+        if exact:
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), f"{what}: quantizer state {name}"
+        else:  # ranges follow the float ops' rounding, and flipped codes upstream when outputs differ
+            tol = 1e-5 if grads else 1e-2
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol * 0.1, equal_nan=True, msg=f"{what}: {name}")
+
+
+def assert_same_output(y_e: torch.Tensor, y_c: torch.Tensor, exact: bool, what: str) -> bool:
+    """Whether the outputs are equal; when not, that they are close (and ``exact`` is False)."""
+    if exact or torch.equal(y_e, y_c):
+        assert torch.equal(y_e, y_c), f"{what}: outputs differ"
+        return True
+    # codes flipped by float rounding upstream propagate through the following quantized layers:
+    # a few output steps at most, and a small relative error overall
+    step = y_e.detach().flatten().unique().diff().min() if y_e.numel() > 1 else torch.tensor(0.0)
+    diff = (y_c - y_e).detach().abs()
+    assert diff.max() <= 3 * float(step) + 1e-6, f"{what}: outputs differ by {diff.max()} (step {step})"
+    rel = diff.norm() / y_e.detach().norm().clamp_min(1e-12)
+    assert rel <= 0.02, f"{what}: relative L2 difference {rel:.3g}"
+    return False
+
+
+def loss_of(y: torch.Tensor) -> torch.Tensor:
+    return y.float().square().mean()
+
+
+@pytest.mark.parametrize("case, qkw, exact", CASES)
+def test_compiled_qat_matches_eager_from_a_fresh_conversion(case, qkw, exact):
+    model, qmap, sample = case(**qkw)
+    eager = tquant.convert_to_quantized(model, qmap)
     twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
-    for step in range(2):  # the first step initialises the quantizers inside the compiled graph
-        x = torch.randn(shape) * (step + 1)
+    compiled = torch.compile(twin, fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.01)
+    opt_c = torch.optim.SGD(twin.parameters(), lr=0.01)
+    torch.manual_seed(2)
+    batches = [sample(4) for _ in range(4)]
+    steps_compared: list[bool] = []
+
+    def train_step(x, what):
+        twin.load_state_dict(eager.state_dict())  # same starting point: isolates this step
         y_e, y_c = eager(x), compiled(x)
-        torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
-        y_e.square().sum().backward()
-        y_c.square().sum().backward()
-    for (name, p_e), p_c in zip(eager.named_parameters(), twin.parameters()):
-        if p_e.grad is not None:
-            torch.testing.assert_close(p_c.grad, p_e.grad, msg=name)
-    for (name, b_e), b_c in zip(eager.named_buffers(), twin.buffers()):
-        assert torch.equal(b_e, b_c), name
-    eager.eval()
-    twin.eval()
-    x = torch.randn(shape)
-    torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
+        same = assert_same_output(y_e, y_c, exact, what)
+        loss_of(y_e).backward()
+        loss_of(y_c).backward()
+        assert_same_state(eager, twin, exact, what, grads=same)
+        steps_compared.append(same)
+        for opt in (opt_e, opt_c):
+            opt.step()
+            opt.zero_grad()
+
+    def eval_step(x, what):
+        twin.load_state_dict(eager.state_dict())
+        eager.eval()
+        twin.eval()
+        assert_same_output(eager(x), compiled(x), exact, what)
+        eager.train()
+        twin.train()
+
+    train_step(batches[0], "step 1 (initialises every quantizer)")
+    after_first = graphs()
+    for step, x in enumerate(batches[1:3], 2):
+        train_step(x, f"step {step}")
+    assert graphs() == after_first, "a later training step recompiled"
+    eval_step(batches[3], "eval")
+    train_step(batches[1], "train after eval")
+    eval_step(batches[2], "eval again")
+    assert graphs() == after_first + 1, "train/eval switches must reuse the two graphs"
+
+    for state_fn in (tquant.learn_ranges, tquant.fix_ranges):
+        state_fn(eager)
+        state_fn(twin)
+        opt_e = torch.optim.SGD(eager.parameters(), lr=0.01)  # learn_ranges adds trainable parameters
+        opt_c = torch.optim.SGD(twin.parameters(), lr=0.01)
+        for step, x in enumerate(batches[:2], 1):
+            train_step(x, f"{state_fn.__name__} step {step}")
+    assert sum(steps_compared) >= len(steps_compared) // 2, "too few steps with equal outputs to compare gradients"
+    if qkw.get("symmetric", True) is False:
+        learned = [m.quantizer._delta for m in twin.modules() if isinstance(m, tquant.QuantizationManager)]
+        assert learned and all(d.requires_grad for d in learned)
 
 
-def test_fullgraph_compile_learned_ranges():
-    model = tquant.convert_to_quantized(mlp(), small_qmap(4, 8, symmetric=False))
-    model(torch.randn(6, 12))
-    tquant.learn_ranges(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    compiled(torch.randn(6, 12)).sum().backward()
-    q = model[0].weight_quantizer.quantizer
-    assert q._delta.grad is not None and q._zero_float.grad is not None
+def test_export_graph_has_the_tquant_ops():
+    model, qmap, sample = mlp_case(per_channel=True)
+    qmodel = tquant.convert_to_quantized(model, qmap)
+    qmodel(sample(8))
+    qmodel.eval()
+    exported = torch.export.export(qmodel, (sample(2),))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "tquant.fake_quant.default" in targets, sorted(targets)
+    x = sample(2)
+    assert torch.equal(exported.module()(x), qmodel(x))
+
+
+def test_old_checkpoint_of_uninitialised_per_channel_quantizers_loads():
+    """Before fixed shapes, an uninitialised per-channel quantizer saved 0-dim NaN state."""
+    model, qmap, _ = mlp_case(per_channel=True)
+    qmodel = tquant.convert_to_quantized(model, qmap)
+    state = qmodel.state_dict()
+    old = {k: (torch.tensor(float("nan")) if k.endswith("weight_quantizer.quantizer._delta") else v)
+           for k, v in state.items() if not k.endswith(("current_xmin", "current_xmax"))}
+    qmodel.load_state_dict(old)
+    q = qmodel.fc1.module.weight_quantizer.quantizer
+    assert q._delta.shape == (256,) and q._delta.isnan().all() and not q.is_initialized
+    bad = dict(state, **{"fc2.weight_quantizer.quantizer._delta": torch.ones(7)})
+    with pytest.raises(RuntimeError, match="fc2.weight_quantizer: the checkpoint's per-channel range has shape"):
+        qmodel.load_state_dict(bad)

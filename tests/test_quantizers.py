@@ -91,7 +91,8 @@ def test_estimator_forward_api_returns_ranges():
     lo, hi = est(torch.tensor([-3.0, 4.0]))
     assert math.isclose(float(lo), -1.2, rel_tol=1e-6) and math.isclose(float(hi), 2.2, rel_tol=1e-6)
     est.reset()
-    assert est.current_xmin is None
+    assert torch.isnan(est.current_xmin) and torch.isnan(est.current_xmax), "reset: no range yet (NaN)"
+    assert est(torch.tensor([-5.0, 1.0])) == (-5.0, 1.0), "after reset the next batch sets the range"
 
 
 def test_set_quant_range_and_fixed_manager():
@@ -188,7 +189,7 @@ def test_search_estimators_clip_outliers_and_keep_state(estimator, opt, symmetri
         qm(x)
         assert torch.equal(qm.range_estimator.loss_array[:, 1:], 2 * losses[:, 1:]), "losses add up over batches"
     qm.range_estimator.reset()
-    assert qm.range_estimator.loss_array is None and qm.range_estimator.current_xmin is None
+    assert qm.range_estimator.loss_array is None and not qm.range_estimator.has_range
 
 
 def test_mse_weight_quantizer_from_config():

@@ -210,12 +210,14 @@ class QuantizationHijacker(QuantizedModule):
             weight_init_params = {"percentile": self.percentile}
         else:
             weight_init_params = self.weight_range_options
+        weight = getattr(self, "weight", None)
         self.weight_quantizer = QuantizationManager(
             qmethod=self.method,
             init=self.weight_range_method,
             per_channel=self.per_channel_weights,
             qparams=self._qparams(self.n_bits),
             init_params=weight_init_params,
+            n_channels=weight.shape[0] if self.per_channel_weights and weight is not None else None,
         )
 
     def forward(self, x: torch.Tensor, offsets=None) -> torch.Tensor:

@@ -7,8 +7,11 @@ import enum
 import torch
 from torch import nn
 
+from . import kernels
 from .config import QMethods, RangeEstimators
 from .errors import QuantizerNotInitializedError
+from .kernels import backend as _backend
+from .kernels.quantizer_call import quantizer_call
 from .range_estimators import SEARCH_ESTIMATORS, _all_reduce_range
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -31,18 +34,27 @@ class QuantizationManager(nn.Module):
     """A quantizer plus the range estimation that drives it.
 
     ``QuantizationManager(qmethod=QMethods.symmetric_uniform, init=RangeEstimators.current_minmax,
-    per_channel=False, axis=None, n_groups=None, x_min=None, x_max=None, qparams=None, init_params=None)``:
-    ``qparams`` are the quantizer's keyword arguments (``n_bits``...), ``init_params`` the
-    estimator's. Given ``x_min``/``x_max`` the range is set and fixed.
+    per_channel=False, axis=None, n_groups=None, x_min=None, x_max=None, qparams=None, init_params=None,
+    *, n_channels=None)``: ``qparams`` are the quantizer's keyword arguments (``n_bits``...),
+    ``init_params`` the estimator's. Given ``x_min``/``x_max`` the range is set and fixed.
+    ``n_channels`` (tquant's addition; the layers pass their weight's output channels) fixes the
+    shape of per-channel state from construction on, so ``torch.compile`` sees one graph.
 
-    ``forward(x)`` returns ``x`` fake-quantized (same shape and dtype). While estimating, the
-    min/max estimators run as one fused op (range + parameters) followed by the fake quant:
-    two passes over ``x``, no host synchronisation. An eval forward (or ``fix_ranges``) of a
-    quantizer that never saw data raises :class:`QuantizerNotInitializedError` naming ``layer_name``.
+    ``forward(x)`` returns ``x`` fake-quantized (same shape and dtype). The first call with a new
+    (shape, strides, dtype, device) plans the call (backend, checks, launch plan: see
+    :mod:`tquant.kernels.quantizer_call`); every call after that is one fused call: while
+    estimating, the min/max estimators update the range and the parameters and fake-quantize in
+    two passes over ``x`` (two launches on the GPU), with no host synchronisation; with fixed or
+    learned ranges it is one pass. An eval forward (or ``fix_ranges``) of a quantizer that never
+    saw data raises :class:`QuantizerNotInitializedError` naming ``layer_name``.
     """
 
+    MAX_PLANS = 8
+    """Input layouts whose plans a manager keeps (a model rarely feeds one quantizer more)."""
+
     def __init__(self, qmethod=QMethods.symmetric_uniform, init=RangeEstimators.current_minmax, per_channel=False,
-                 axis=None, n_groups=None, x_min=None, x_max=None, qparams=None, init_params=None):
+                 axis=None, n_groups=None, x_min=None, x_max=None, qparams=None, init_params=None, *,
+                 n_channels: int | None = None):
         super().__init__()
         self.state = Qstates.estimate_ranges_train
         self.qmethod = qmethod
@@ -54,15 +66,17 @@ class QuantizationManager(nn.Module):
         self.init_params = dict(init_params) if init_params else {}
         self.sync_ranges = False
         self.process_group = None
-        self.quantizer = qmethod.cls(per_channel=per_channel, axis=axis, **self.qparams)
+        self.quantizer = qmethod.cls(per_channel=per_channel, axis=axis, n_channels=n_channels, **self.qparams)
         self.range_estimator = init.cls(
             per_channel=per_channel,
             quantizer=self.quantizer if init in SEARCH_ESTIMATORS else None,
             axis=axis,
             n_groups=n_groups,
+            n_channels=n_channels,
             **self.init_params,
         )
         self._layer_name = ""
+        self._calls: dict = {}
         if x_min is not None and x_max is not None:
             self.set_quant_range(x_min, x_max)
             self.state = Qstates.fix_ranges
@@ -128,22 +142,101 @@ class QuantizationManager(nn.Module):
         if self.quantizer.per_channel and x.dim() == 0:
             raise ValueError(f"{self.layer_name or 'QuantizationManager'}: per-channel quantization needs x.dim() >= 1")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _plan(self, x: torch.Tensor):
+        """Checks and decisions that depend on ``x``'s layout, not its values: made once per layout."""
         self._check_input(x)
+        q, est = self.quantizer, self.range_estimator
+        shape = (x.shape[0],) if q.per_channel else ()
+        if q.state_shape and tuple(shape) != q.state_shape:
+            raise ValueError(
+                f"{self.layer_name or 'QuantizationManager'}: per-channel quantizer of {q.state_shape[0]} channels "
+                f"got an input with {shape[0]} along dim 0"
+            )
+        if q._delta.device != x.device and q.is_initialized:
+            raise RuntimeError(
+                f"{self.layer_name or 'QuantizationManager'}: the quantizer's state is on {q._delta.device} but "
+                f"the input is on {x.device}; move the model with .to(device)"
+            )
+        q.ensure_state(shape, x.device)
+        est.ensure_range_buffers(shape, x.device)
+        state = ((q._parameters, "_delta"), (q._buffers if q.symmetric else q._parameters, "_zero_float"),
+                 (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"))
+        try:
+            call = quantizer_call(x, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum, state)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise type(exc)(f"{self.layer_name or 'QuantizationManager'}: {exc}") from exc
+        if len(self._calls) >= self.MAX_PLANS:
+            self._calls.clear()
+        self._calls[(x.shape, x.stride(), x.dtype, x.device, _backend._backend)] = call
+        return call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        call = self._calls.get((x.shape, x.stride(), x.dtype, x.device, _backend._backend)) or self._plan(x)
+        state = self.state
+        if state is Qstates.estimate_ranges or (state is Qstates.estimate_ranges_train and self.training):
+            if call.fused and not self.sync_ranges:
+                y = call.train(x)
+                q = self._modules["quantizer"]
+                if not q._initialized:  # nn.Module.__setattr__ costs microseconds: set once
+                    q._initialized = True
+                return y
+            self._estimate(x)
+        elif not self._modules["quantizer"]._initialized:
+            raise QuantizerNotInitializedError(self.layer_name)
+        return call.fixed(x)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``torch.compile`` / ``torch.export`` trace: the registered ``tquant`` ops."""
+        self._check_input(x)
+        q = self.quantizer
         if self._estimating():
-            estimator = self.range_estimator
-            if estimator.fused_code is not None:
-                estimator.fused_update(x, self.quantizer, self.process_group, self.sync_ranges)
+            est = self.range_estimator
+            if est.fused_code is None or self.sync_ranges:
+                self._estimate(x)
             else:
-                x_min, x_max = estimator(x)
-                if self.sync_ranges:
-                    x_min, x_max = x_min.clone(), x_max.clone()
-                    _all_reduce_range(x_min, x_max, self.process_group)
-                self.quantizer.set_quant_range(x_min, x_max)
-        return self.quantizer.forward(x)  # the manager is the hookable module; skip a second __call__
+                kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
+                                     q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,
+                                     False)
+                q._initialized = True
+        elif not q._initialized:
+            raise QuantizerNotInitializedError(self.layer_name)
+        return kernels.fake_quant(x, q._delta, q._zero_float, q._signed, q.n_bits, q.symmetric, q.kernel_axis)
+
+    def _estimate(self, x: torch.Tensor) -> None:
+        """Range estimation off the fused path: search estimators, percentiles, synchronised ranges."""
+        q, est = self.quantizer, self.range_estimator
+        if est.fused_code is not None:  # sync_ranges: the batch range is all-reduced before the update
+            bmin, bmax = kernels.batch_minmax(x.detach(), q.kernel_axis)
+            _all_reduce_range(bmin, bmax, self.process_group)
+            with torch.no_grad():
+                kernels.finalize_range(bmin, bmax, est.current_xmin, est.current_xmax, q._delta, q._zero_float,
+                                       q._signed, q.n_bits, q.symmetric, est.fused_code, est.momentum, False)
+            q.mark_initialized()
+            return
+        x_min, x_max = est(x)
+        if self.sync_ranges:
+            x_min, x_max = x_min.clone(), x_max.clone()
+            _all_reduce_range(x_min, x_max, self.process_group)
+        q.set_quant_range(x_min, x_max)
 
     def set_quant_range(self, x_min, x_max) -> None:
         self.quantizer.set_quant_range(x_min, x_max)
+
+    def _apply(self, fn, recurse=True):
+        self._calls.clear()
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name, value):
+        if name in ("quantizer", "range_estimator") and "_calls" in self.__dict__:
+            self._calls.clear()  # the plans look up this quantizer's and estimator's tensors
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_calls"] = {}  # plans hold device workspaces: rebuilt on first use
+        return state
 
     def export_qparams(self) -> dict:
         """The quantizer's constants for deployment (reads the device: not for the hot path).

@@ -4,6 +4,10 @@ State (aihwkit-compatible names, so checkpoints keep their keys):
 
 - ``_delta`` (``nn.Parameter``, fp32, ``requires_grad=False`` until ``learn_ranges``): 0-dim per
   tensor, ``[C]`` per channel (dim 0); NaN while uninitialised. ``scale = max(delta, eps)``.
+  The shapes are fixed from construction when the channel count is known (``n_channels``: the
+  layers pass their weight's output channels), so the first, initialising step and every later
+  one trace to the same graph under ``torch.compile``; a per-channel quantizer built without
+  ``n_channels`` takes its channel count from the first batch.
 - asymmetric: ``_zero_float`` (``nn.Parameter``), ``zp = clamp(round(zero_float), 0, 2^b - 1)``.
 - symmetric: ``_signed`` (bool buffer, one flag per quantizer): grid ``[-2^(b-1), 2^(b-1) - 1]``
   when the range reaches below zero, else ``[0, 2^b - 1]``.
@@ -42,7 +46,7 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
     symmetric: bool = True
 
     def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
-                 eps: float = EPS):
+                 eps: float = EPS, n_channels: int | None = None):
         super().__init__()
         if scale_domain != "linear":
             raise ValueError(f"{type(self).__name__}.scale_domain: only 'linear' is supported, got {scale_domain!r}")
@@ -55,9 +59,12 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
         self.per_channel = per_channel or axis == 0
         self.axis = axis
         self.eps = eps
+        if n_channels is not None and (not isinstance(n_channels, int) or n_channels < 0):
+            raise ValueError(f"{type(self).__name__}.n_channels must be a non-negative int, got {n_channels!r}")
         self.layer_name = ""
         self._initialized = False
-        self._delta = nn.Parameter(torch.tensor(math.nan), requires_grad=False)
+        self.state_shape: tuple = (n_channels,) if self.per_channel and n_channels is not None else ()
+        self._delta = nn.Parameter(torch.full(self.state_shape, math.nan), requires_grad=False)
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -151,11 +158,11 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
         self._delta.requires_grad_(True)
 
     def reset(self) -> None:
-        """Back to uninitialised (keeps the same ``Parameter`` objects)."""
+        """Back to uninitialised, in place (same tensors and shapes)."""
         with torch.no_grad():
-            self._delta.data = torch.tensor(math.nan, device=self._delta.device)
-            self._zero_float.data = torch.zeros((), device=self._delta.device)
-            self._signed = torch.zeros((), dtype=torch.bool, device=self._delta.device)
+            self._delta.fill_(math.nan)
+            self._zero_float.fill_(0.0)
+            self._signed.fill_(False)
         self._initialized = False
 
     # -- forward ---------------------------------------------------------------------------
@@ -171,10 +178,22 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
                               error_msgs):
         delta = state_dict.get(prefix + "_delta")
         if delta is not None:
-            with torch.no_grad():
-                self._delta.data = torch.empty(delta.shape, device=self._delta.device)
-                self._zero_float.data = torch.zeros(delta.shape, device=self._delta.device)
-            self._initialized = bool(not torch.isnan(delta).all()) if delta.numel() else True
+            initialized = bool(not torch.isnan(delta).all()) if delta.numel() else True
+            if self.state_shape and tuple(delta.shape) != self.state_shape:
+                if initialized:
+                    error_msgs.append(
+                        f"{self.layer_name or prefix.rstrip('.')}: the checkpoint's per-channel range has shape "
+                        f"{tuple(delta.shape)}, this quantizer has {self.state_shape[0]} channels"
+                    )
+                else:  # an uninitialised quantizer saved before shapes were fixed (0-dim NaN)
+                    state_dict[prefix + "_delta"] = torch.full(self.state_shape, math.nan)
+                    if prefix + "_zero_float" in state_dict:
+                        state_dict[prefix + "_zero_float"] = torch.full(self.state_shape, math.nan)
+            elif self.per_channel and not self.state_shape:  # channel count not fixed: take the checkpoint's
+                with torch.no_grad():
+                    self._delta.data = torch.empty(delta.shape, device=self._delta.device)
+                    self._zero_float.data = torch.zeros(delta.shape, device=self._delta.device)
+            self._initialized = initialized
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         optional = [prefix + "_signed"] if not self.symmetric else []
@@ -197,10 +216,10 @@ class SymmetricUniformQuantizer(QuantizerBase):
     symmetric = True
 
     def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
-                 eps: float = EPS):
-        super().__init__(n_bits, scale_domain, per_channel, axis, eps)
+                 eps: float = EPS, n_channels: int | None = None):
+        super().__init__(n_bits, scale_domain, per_channel, axis, eps, n_channels)
         self.register_buffer("_signed", torch.zeros((), dtype=torch.bool), persistent=True)
-        self.register_buffer("_zero_float", torch.zeros(()), persistent=False)
+        self.register_buffer("_zero_float", torch.zeros(self.state_shape), persistent=False)
 
 
 class AsymmetricUniformQuantizer(QuantizerBase):
@@ -209,9 +228,9 @@ class AsymmetricUniformQuantizer(QuantizerBase):
     symmetric = False
 
     def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
-                 eps: float = EPS):
-        super().__init__(n_bits, scale_domain, per_channel, axis, eps)
-        self._zero_float = nn.Parameter(torch.tensor(math.nan), requires_grad=False)
+                 eps: float = EPS, n_channels: int | None = None):
+        super().__init__(n_bits, scale_domain, per_channel, axis, eps, n_channels)
+        self._zero_float = nn.Parameter(torch.full(self.state_shape, math.nan), requires_grad=False)
         self.register_buffer("_signed", torch.zeros((), dtype=torch.bool), persistent=False)
 
     def make_range_trainable(self) -> None:
@@ -221,7 +240,7 @@ class AsymmetricUniformQuantizer(QuantizerBase):
     def reset(self) -> None:
         super().reset()
         with torch.no_grad():
-            self._zero_float.data = torch.tensor(math.nan, device=self._delta.device)
+            self._zero_float.fill_(math.nan)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -1,16 +1,18 @@
 """Range estimators: how a quantizer's ``[x_min, x_max]`` follows the data.
 
 Each estimator is an ``nn.Module`` with aihwkit's interface: ``forward(x) -> (x_min, x_max)``
-updates and returns ``current_xmin`` / ``current_xmax`` (buffers, ``None`` until the first
-batch, saved in ``state_dict``), ``reset()`` forgets them.
+updates and returns ``current_xmin`` / ``current_xmax`` (buffers, NaN until the first batch,
+saved in ``state_dict``), ``reset()`` forgets them.
 
 The min/max family (``current_minmax`` without percentile, ``allminmax``, ``running_minmax``)
-also has :meth:`RangeEstimatorBase.fused_update`, which the quantization manager calls on the
-hot path: one ``tquant::update_range`` op estimates the range and writes the quantizer's
-parameters in place, with no host synchronisation (two passes in total with the fake quant).
+has a ``fused_code``: the quantization manager then estimates the range and writes the
+quantizer's parameters in one fused call (``tquant.kernels.quantizer_call``), with no host
+synchronisation (two passes in total with the fake quant); ``forward`` is aihwkit's API.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,20 +25,28 @@ from .quantizers import Fp32StateMixin
 
 class RangeEstimatorBase(Fp32StateMixin, nn.Module):
     """Base class. ``per_channel`` ranges are along dim 0; ``quantizer`` gives the search
-    estimators the bits and symmetry (it is not registered as a submodule)."""
+    estimators the bits and symmetry (it is not registered as a submodule).
+
+    ``current_xmin`` / ``current_xmax`` are fp32 buffers that exist from construction: 0-dim per
+    tensor, ``[n_channels]`` per channel when the channel count is given (else sized by the first
+    batch), NaN while there is no range yet (aihwkit keeps ``None`` there; a fixed shape lets the
+    first, initialising step trace to the same graph as every later one).
+    """
 
     fused_code: int | None = None
     """The ``tquant::update_range`` estimator code, or None when this estimator is not fusable."""
 
-    def __init__(self, per_channel: bool = False, quantizer=None, axis=None, n_groups=None):
+    def __init__(self, per_channel: bool = False, quantizer=None, axis=None, n_groups=None,
+                 n_channels: int | None = None):
         super().__init__()
         if axis not in (None, 0):
             raise ValueError(f"{type(self).__name__}.axis: only dim 0 is supported, got {axis!r}")
         if n_groups is not None:
             raise ValueError(f"{type(self).__name__}.n_groups: grouped ranges are not supported")
-        self.register_buffer("current_xmin", None)
-        self.register_buffer("current_xmax", None)
         self.per_channel = per_channel or axis == 0
+        shape = (n_channels,) if self.per_channel and n_channels is not None else ()
+        self.register_buffer("current_xmin", torch.full(shape, math.nan))
+        self.register_buffer("current_xmax", torch.full(shape, math.nan))
         self.axis = axis
         self.n_groups = n_groups
         self.per_group_range_estimation = False
@@ -54,49 +64,46 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
     def momentum(self) -> float:
         return 0.0
 
+    @property
+    def has_range(self) -> bool:
+        """Whether a range was estimated (reads the device)."""
+        cur = self.current_xmin
+        return cur is not None and cur.numel() > 0 and not bool(torch.isnan(cur).all())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def reset(self) -> None:
-        self.current_xmin = None
-        self.current_xmax = None
+        """Forget the range, in place (the buffers keep their shape)."""
+        for name in ("current_xmin", "current_xmax"):
+            cur = getattr(self, name)
+            if cur is None:
+                setattr(self, name, torch.full((), math.nan))
+            else:
+                cur.fill_(math.nan)
 
-    def _range_buffers(self, shape: tuple, device: torch.device) -> bool:
-        """Make sure the range buffers exist with ``shape``; True when they are new (first batch)."""
+    def ensure_range_buffers(self, shape: tuple, device: torch.device) -> None:
+        """Give the range buffers ``shape`` (NaN: no range yet) if they have another one.
+
+        Only a per-channel estimator built without its channel count changes shape, on its first
+        batch; a later change of the channel count is an error for the estimators that keep a range.
+        """
         cur = self.current_xmin
         if cur is not None and tuple(cur.shape) == tuple(shape) and cur.device == device:
-            return False
-        if cur is not None and self.fused_code != kernels.ESTIMATOR_CURRENT:
+            return
+        if cur is not None and cur.numel() and self.fused_code != kernels.ESTIMATOR_CURRENT and self.has_range:
             raise ValueError(
                 f"{type(self).__name__}: the range shape changed from {tuple(cur.shape)} to {tuple(shape)} "
                 "(per-channel ranges need the same number of channels in every batch)"
             )
-        self.current_xmin = torch.empty(shape, device=device)
-        self.current_xmax = torch.empty(shape, device=device)
-        return True
-
-    def fused_update(self, x: torch.Tensor, quantizer, process_group=None, sync: bool = False) -> None:
-        """Estimate the range of ``x`` and write ``quantizer``'s parameters (no host sync)."""
-        shape = (x.shape[0],) if self.per_channel else ()
-        first = self._range_buffers(shape, x.device)
-        quantizer.ensure_state(shape, x.device)
-        args = (self.current_xmin, self.current_xmax, quantizer._delta, quantizer._zero_float, quantizer._signed)
-        with torch.no_grad():
-            if sync:
-                bmin, bmax = kernels.batch_minmax(x, self.kernel_axis)
-                _all_reduce_range(bmin, bmax, process_group)
-                kernels.finalize_range(bmin, bmax, *args, quantizer.n_bits, quantizer.symmetric, self.fused_code,
-                                       self.momentum, first)
-            else:
-                kernels.update_range(x, *args, quantizer.n_bits, quantizer.symmetric, self.kernel_axis,
-                                     self.fused_code, self.momentum, first)
-        quantizer.mark_initialized()
+        self.current_xmin = torch.full(shape, math.nan, device=device)
+        self.current_xmax = torch.full(shape, math.nan, device=device)
 
     def _minmax_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bmin, bmax = kernels.batch_minmax(x.detach(), self.kernel_axis)
-        first = self.current_xmin is None
+        self.ensure_range_buffers(tuple(bmin.shape), bmin.device)
         new_min, new_max = update_range_reference(
-            bmin, bmax, self.current_xmin, self.current_xmax, self.fused_code, self.momentum, first
+            bmin, bmax, self.current_xmin, self.current_xmax, self.fused_code, self.momentum
         )
         self.current_xmin, self.current_xmax = new_min, new_max
         return new_min, new_max
@@ -104,11 +111,19 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         for name in ("current_xmin", "current_xmax"):
-            value = state_dict.get(prefix + name)
-            if value is not None:
+            value, cur = state_dict.get(prefix + name), getattr(self, name)
+            if value is None or (cur is not None and tuple(value.shape) == tuple(cur.shape)):
+                continue
+            if cur is not None and cur.dim() and value.dim() == 0 and torch.isnan(value):
+                state_dict[prefix + name] = torch.full(cur.shape, math.nan)  # saved before shapes were fixed
+            else:
                 setattr(self, name, torch.empty_like(value, device=self._buffer_device(value)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        for name in ("current_xmin", "current_xmax"):  # aihwkit saves none before the first batch
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+                getattr(self, name).fill_(math.nan)
 
     def _buffer_device(self, fallback: torch.Tensor) -> torch.device:
         q = self.quantizer

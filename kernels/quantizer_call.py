@@ -1,0 +1,365 @@
+"""One quantizer's eager forward: range estimation and fake quantization as one planned call.
+
+The quantization manager calls this on the hot path of QAT (DESIGN §4, "host cost"). Everything
+that does not depend on the values of ``x`` — the backend, input checks, the Triton launch plan
+(2-D view, grid, blocks, workspaces) — is decided once per (shape, strides, dtype, device,
+backend) by :func:`quantizer_call` and cached by the caller; a call is then a few Python lines
+and at most two launches:
+
+- ``call.train(x)``: the min/max estimators' training forward — update the running range and
+  the quantizer parameters in place (a NaN running range means "no range yet"), then
+  fake-quantize with them. Triton: 2 launches.
+- ``call.fixed(x)``: fake quantization with the current parameters (eval, ``fix_ranges``; with
+  ``learn_ranges`` also the LSQ gradients of ``delta`` and ``zero_float``). Triton: 1 launch.
+
+Autograd: the gradient of ``x`` is ``grad * mask`` with the in-range mask saved by the forward
+(``x`` itself is saved only for learned ranges). On the GPU that is a small ``autograd.Function``
+saving a 1-byte mask, whose backward is one launch. On the CPU, where a Python backward costs
+more than the whole op on small tensors, the output is made by ``x * mask`` — a native autograd
+node that saves only the mask (in ``x``'s dtype) — and the fake-quantized values are written
+into it in place. Values are the reference's (``reference.py``) bit for bit on every lane.
+
+Lanes (chosen when the call is planned):
+
+- ``triton``: CUDA tensors (or any tensor with ``TQUANT_BACKEND=triton``), the fused kernels;
+- ``host``: small contiguous fp32/fp16 CPU tensors per tensor: numpy on the host (no torch op
+  dispatch, float32 arithmetic identical to torch's);
+- ``torch``: vectorised torch ops on any other tensor;
+- ``reference``: ``TQUANT_BACKEND=reference``, the eager reference with autograd through it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import backend
+from .fake_quant import _fake_quant_torch, _range_grads_torch
+from .host_math import EPS32, F32, qparams_scalar, update_range_scalar
+from .range_update import _batch_minmax_torch, _finalize_torch, _update_range_scalar
+from .reference import (
+    ESTIMATOR_ALL,
+    ESTIMATOR_RUNNING,
+    batch_minmax_reference,
+    fake_quant_reference,
+    qparams_from_range,
+    update_range_reference,
+)
+
+__all__ = ["QuantizerCall", "quantizer_call"]
+
+_ZERO, _ONE, _EPS = F32(0.0), F32(1.0), F32(EPS32)
+
+HOST_MAX_NUMEL = 1 << 16
+"""Largest tensor the host lane takes: numpy runs on one core, torch's ops on all of them."""
+
+
+class QuantizerCall:
+    """Base of the lanes. ``state`` names where the five state tensors live, as ``(dict, key)``
+    pairs for ``delta``, ``zero_float``, ``signed``, ``range_min``, ``range_max`` (a module's
+    ``_parameters`` / ``_buffers``): the call looks them up at each call, so it always sees the
+    tensors the module holds now, at the cost of a dict lookup rather than ``nn.Module.__getattr__``."""
+
+    lane = ""
+
+    def __init__(self, n_bits: int, symmetric: bool, axis: int, estimator: int | None, momentum: float, state):
+        self.n_bits = n_bits
+        self.symmetric = symmetric
+        self.axis = axis
+        self.fused = estimator is not None
+        """Whether :meth:`train` applies (the estimator is one of the min/max family)."""
+        self.estimator = estimator
+        self.momentum = float(momentum)
+        self.state = state
+
+    def tensors(self) -> tuple:
+        """``(delta, zero_float, signed, range_min, range_max)`` as the modules hold them now."""
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state
+        return d[kd], z[kz], s[ks], lo[klo], hi[khi]
+
+    def params(self) -> tuple:
+        """``(delta, zero_float, signed)`` as the quantizer holds them now."""
+        (d, kd), (z, kz), (s, ks) = self.state[:3]
+        return d[kd], z[kz], s[ks]
+
+    def train(self, x: torch.Tensor) -> torch.Tensor:
+        """Update the running range and the parameters from ``x``, then fake-quantize ``x``."""
+        delta, zero_float, signed, range_min, range_max = self.tensors()
+        self.update(x.detach(), delta, zero_float, signed, range_min, range_max)
+        return self.apply(x, delta, zero_float, signed)
+
+    def fixed(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with the current parameters (learned ones get their gradients)."""
+        return self.apply(x, *self.params())
+
+    def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
+        raise NotImplementedError
+
+    def apply(self, x, delta, zero_float, signed) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.forward(x, delta, zero_float, signed, False)[0]
+        if delta.requires_grad or zero_float.requires_grad:
+            return _LearnedFakeQuant.apply(x, delta, zero_float, signed, self)
+        if not x.requires_grad:
+            return self.forward(x, delta, zero_float, signed, False)[0]
+        return self.masked(x, delta, zero_float, signed)
+
+    def masked(self, x, delta, zero_float, signed) -> torch.Tensor:
+        """``y`` whose gradient is ``grad * mask`` (``x`` requires grad)."""
+        if x.device.type == "cpu":
+            y, mask = self.forward(x.detach(), delta, zero_float, signed, True)
+            out = torch.mul(x, mask.to(x.dtype))  # a native node that saves only the mask
+            out.detach().copy_(y)
+            return out
+        return _MaskedFakeQuant.apply(x, delta, zero_float, signed, self)
+
+    def forward(self, x, delta, zero_float, signed, with_mask: bool):
+        """``(y, mask or None)`` without autograd."""
+        raise NotImplementedError
+
+    def range_grads(self, grad, x, delta, zero_float, signed):
+        return _range_grads_torch(grad, x, delta, zero_float, signed, self.n_bits, self.symmetric, self.axis)
+
+
+class _TorchCall(QuantizerCall):
+    lane = "torch"
+
+    def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
+        if self.axis < 0 and x.device.type == "cpu":
+            _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, self.n_bits, self.symmetric,
+                                 self.estimator, self.momentum, False)
+            return
+        bmin, bmax = _batch_minmax_torch(x, self.axis)
+        _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, self.n_bits, self.symmetric,
+                        self.estimator, self.momentum, False)
+
+    def forward(self, x, delta, zero_float, signed, with_mask):
+        y, mask = _fake_quant_torch(x, delta, zero_float, signed, self.n_bits, self.symmetric, self.axis, with_mask)
+        return y, (mask if with_mask else None)
+
+
+class _HostCall(QuantizerCall):
+    """Per-tensor, contiguous fp32/fp16 CPU tensors of at most :data:`HOST_MAX_NUMEL` elements.
+
+    The range and parameter math runs on numpy float32 scalars (``host_math``'s formulas, each
+    operation correctly rounded to float32 as torch's are); the elementwise passes are numpy
+    float32 ufuncs; ``rint`` is round half to even. The five state tensors are read and written
+    through cached numpy views of their storage (re-made when a tensor's storage changes), which
+    does not bump their autograd version counters: nothing saves them for backward while ranges
+    are being estimated. The gradient of ``x`` comes from ``x * mask`` (a native autograd node
+    that saves only the float mask), into whose output the fake-quantized values are written.
+    """
+
+    lane = "host"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._ptrs = self._views = None
+        self._a, self._m = F32(1 - self.momentum), F32(self.momentum)
+        self._full = F32(2**self.n_bits - 1)
+        self._half = F32(2 ** (self.n_bits - 1))
+
+    def _state(self, delta, zero_float, signed, range_min, range_max):
+        ptrs = (delta.data_ptr(), zero_float.data_ptr(), signed.data_ptr(), range_min.data_ptr(),
+                range_max.data_ptr())
+        if ptrs != self._ptrs:
+            self._views = tuple(t.detach().numpy() for t in (delta, zero_float, signed, range_min, range_max))
+            self._ptrs = ptrs
+        return self._views
+
+    def train(self, x):
+        xd = x.detach()
+        consts = self._update(xd.numpy(), *self._state(*self.tensors()))
+        if x.requires_grad and torch.is_grad_enabled():
+            return self._masked(x, xd, consts)
+        return self._values(xd, consts, False)[0]
+
+    def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
+        self._update(x.numpy(), *self._state(delta, zero_float, signed, range_min, range_max))
+
+    def _update(self, xn, d_v, z_v, s_v, rmin_v, rmax_v):
+        """New range and parameters into the views; returns the fake-quant constants."""
+        if xn.size:
+            lo, hi = F32(xn.min()), F32(xn.max())
+        if not xn.size or not (math.isfinite(lo) and math.isfinite(hi)) or not math.isfinite(rmin_v[()]):
+            return self._update_general(xn, d_v, z_v, s_v, rmin_v, rmax_v)
+        old_lo, old_hi = rmin_v[()], rmax_v[()]
+        if self.estimator == ESTIMATOR_RUNNING:
+            lo, hi = self._a * lo + self._m * old_lo, self._a * hi + self._m * old_hi
+        elif self.estimator == ESTIMATOR_ALL:
+            lo, hi = (old_lo if old_lo <= lo else lo), (old_hi if old_hi >= hi else hi)
+        rmin_v[()], rmax_v[()] = lo, hi
+        x_min = lo if lo <= 0 else _ZERO
+        x_max = hi if hi >= _EPS else _EPS
+        if self.symmetric:
+            signed = bool(x_min < 0)
+            top = -x_min if -x_min >= x_max else x_max
+            delta = top / (self._half - _ONE if signed else self._full)
+            d_v[()], s_v[()] = delta, signed
+            return self._consts(delta, _ZERO, signed)
+        delta = (x_max - x_min) / self._full
+        zero_float = -x_min / delta
+        d_v[()], z_v[()], s_v[()] = delta, zero_float, False
+        return self._consts(delta, zero_float, False)
+
+    def _update_general(self, xn, d_v, z_v, s_v, rmin_v, rmax_v):
+        """Non-finite values in the batch or the old range, or no old range: ``host_math``'s scalar path."""
+        if xn.size:
+            lo_t, hi_t = batch_minmax_reference(torch.from_numpy(xn), -1)
+            lo, hi = float(lo_t), float(hi_t)
+        else:
+            lo, hi = math.inf, -math.inf
+        lo, hi = update_range_scalar(lo, hi, float(rmin_v[()]), float(rmax_v[()]), self.estimator, self.momentum)
+        d, z, s = qparams_scalar(lo, hi, self.n_bits, self.symmetric)
+        rmin_v[()], rmax_v[()], d_v[()], z_v[()], s_v[()] = lo, hi, d, z, s
+        return self._consts(F32(d), F32(z), s)
+
+    def _consts(self, delta, zero_float, signed):
+        """``(scale, zp, qmin, qmax)``: float32 scale, the rest Python floats."""
+        scale = delta if not delta < _EPS else _EPS  # torch.clamp(min=EPS) keeps NaN
+        if not self.symmetric:
+            zp = min(max(float(round(float(zero_float))), 0.0), float(self._full))  # round: half to even
+            return scale, zp, 0.0, float(self._full)
+        if signed:
+            return scale, 0.0, -float(self._half), float(self._half) - 1.0
+        return scale, 0.0, 0.0, float(self._full)
+
+    def _codes(self, xn, consts):
+        """``(r, c)``: ``round(x / scale) + zp`` and its clamp to the grid (float32 arrays)."""
+        scale, zp, qmin, qmax = consts
+        r = np.divide(xn, scale) if xn.dtype == np.float32 else np.divide(xn, scale, dtype=np.float32)
+        np.rint(r, out=r)
+        np.add(r, zp, out=r)  # + 0.0 too: round's -0.0 becomes +0.0, as in the reference
+        c = np.maximum(r, qmin)
+        np.minimum(c, qmax, out=c)
+        return r, c
+
+    def _values(self, x, consts, with_mask):
+        r, c = self._codes(x.numpy(), consts)
+        mask = torch.from_numpy(np.equal(c, r)) if with_mask else None  # NaN: False, like the reference
+        if consts[1]:
+            np.subtract(c, consts[1], out=c)
+        y = torch.empty_like(x)
+        np.multiply(c, consts[0], out=y.numpy(), casting="same_kind")
+        return y, mask
+
+    def _masked(self, x, xd, consts):
+        xn = xd.numpy()
+        r, c = self._codes(xn, consts)
+        out = torch.mul(x, torch.from_numpy(np.equal(c, r).astype(xn.dtype)))  # autograd saves the mask only
+        if consts[1]:
+            np.subtract(c, consts[1], out=c)
+        np.multiply(c, consts[0], out=out.detach().numpy(), casting="same_kind")
+        return out
+
+    def _fixed_consts(self, delta, zero_float, signed):
+        return self._consts(F32(delta.item()), F32(zero_float.item()), signed.item())
+
+    def forward(self, x, delta, zero_float, signed, with_mask):
+        return self._values(x, self._fixed_consts(delta, zero_float, signed), with_mask)
+
+    def masked(self, x, delta, zero_float, signed):
+        return self._masked(x, x.detach(), self._fixed_consts(delta, zero_float, signed))
+
+
+class _TritonCall(QuantizerCall):
+    lane = "triton"
+
+    def __init__(self, x: torch.Tensor, *args):
+        super().__init__(*args)
+        from ._triton_plan import TritonPlan
+
+        self.plan = TritonPlan(x, self.axis)
+
+    def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
+        from ._triton_range import launch_update_range
+
+        launch_update_range(self.plan, x, range_min, range_max, delta, zero_float, signed.view(torch.uint8),
+                            self.n_bits, self.symmetric, self.estimator, self.momentum)
+
+    def forward(self, x, delta, zero_float, signed, with_mask):
+        from ._triton_fake_quant import launch_fake_quant
+
+        return launch_fake_quant(self.plan, x, delta, zero_float, signed.view(torch.uint8), self.n_bits,
+                                 self.symmetric, with_mask)
+
+    def masked(self, x, delta, zero_float, signed):
+        return _MaskedFakeQuant.apply(x, delta, zero_float, signed, self)
+
+    def range_grads(self, grad, x, delta, zero_float, signed):
+        from ._triton_fake_quant import fake_quant_range_grads_triton
+
+        return fake_quant_range_grads_triton(grad, x, delta, zero_float, signed, self.n_bits, self.symmetric,
+                                             self.axis)
+
+
+class _ReferenceCall(QuantizerCall):
+    lane = "reference"
+
+    def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
+        bmin, bmax = batch_minmax_reference(x, self.axis)
+        new_min, new_max = update_range_reference(bmin, bmax, range_min, range_max, self.estimator, self.momentum)
+        d, z, s = qparams_from_range(new_min, new_max, self.n_bits, self.symmetric)
+        with torch.no_grad():
+            for dst, src in ((range_min, new_min), (range_max, new_max), (delta, d), (zero_float, z), (signed, s)):
+                dst.copy_(src)
+
+    def apply(self, x, delta, zero_float, signed):
+        return fake_quant_reference(x, delta, zero_float, signed, self.n_bits, self.symmetric, self.axis)
+
+
+class _MaskedFakeQuant(torch.autograd.Function):
+    """``y = fake_quant(x)``; backward ``where(mask, grad, 0)`` from the saved 1-byte mask."""
+
+    @staticmethod
+    def forward(ctx, x, delta, zero_float, signed, call):
+        y, mask = call.forward(x, delta, zero_float, signed, True)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None, None, None
+
+
+class _LearnedFakeQuant(torch.autograd.Function):
+    """``learn_ranges``: also the LSQ gradients of ``delta``/``zero_float``; saves ``x`` and the mask."""
+
+    @staticmethod
+    def forward(ctx, x, delta, zero_float, signed, call):
+        y, mask = call.forward(x, delta, zero_float, signed, True)
+        ctx.save_for_backward(x, delta, zero_float, signed, mask)
+        ctx.call = call
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, delta, zero_float, signed, mask = ctx.saved_tensors
+        grad_x = torch.where(mask, grad, 0.0) if ctx.needs_input_grad[0] else None
+        grad_delta, grad_zf = ctx.call.range_grads(grad, x, delta, zero_float, signed)
+        return grad_x, grad_delta, grad_zf, None, None
+
+
+def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, estimator: int | None,
+                   momentum: float, state) -> QuantizerCall:
+    """Plan the call for inputs like ``x`` (shape, strides, dtype, device) under the current backend.
+
+    ``estimator``: the ``ESTIMATOR_*`` code of a min/max estimator, or None (``train`` does not apply).
+    ``state``: ``(dict, key)`` pairs locating ``delta``, ``zero_float``, ``signed``, ``range_min``,
+    ``range_max`` (see :class:`QuantizerCall`). Raises ``RuntimeError`` when the backend cannot run
+    on ``x`` (``TQUANT_BACKEND=triton`` on a CPU tensor without ``TRITON_INTERPRET=1``),
+    ``TypeError``/``ValueError`` for inputs the kernels do not take. The result is valid for every
+    tensor with the same shape, strides, dtype and device while the backend stays the same.
+    """
+    args = (n_bits, symmetric, axis, estimator, momentum, state)
+    impl = backend.resolve(x)
+    if impl == "triton":
+        return _TritonCall(x, *args)
+    if impl == "reference":
+        return _ReferenceCall(*args)
+    host = (axis < 0 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16)
+            and x.is_contiguous() and x.numel() <= HOST_MAX_NUMEL)
+    return _HostCall(*args) if host else _TorchCall(*args)
