@@ -26,6 +26,9 @@ from .config import (
 )
 from .conversion import (
     DEFAULT_CONVERSIONS,
+    ConversionError,
+    ConversionSummary,
+    ConversionWarning,
     append_default_conversions,
     convert_to_quantized,
     get_module_args,
@@ -87,6 +90,9 @@ __all__ = [
     "CurrentMinMaxEstimator",
     "CurrentMinMaxEstimatorParams",
     "DEFAULT_CONVERSIONS",
+    "ConversionError",
+    "ConversionSummary",
+    "ConversionWarning",
     "FP32Acts",
     "MSEEstimatorParams",
     "MSE_Estimator",
