@@ -4,6 +4,7 @@ import re
 import warnings
 
 import pytest
+import torch
 from torch import nn
 
 import tquant
@@ -120,3 +121,31 @@ def test_everything_excluded_warns():
     qmap.excluded_modules = ["0"]
     (message,) = conversion_warnings(lambda: tquant.convert_to_quantized(nn.Sequential(nn.Linear(2, 2)), qmap))
     assert message.endswith("converted 0 layers of Sequential: 1 Linear in excluded_modules")
+
+
+def test_quantized_encoder_layers_stay_off_the_fused_eval_path():
+    """Eval under no_grad: nn.TransformerEncoderLayer's fused kernel would skip linear1/linear2's quantizers."""
+    torch.manual_seed(0)
+    qmap = w4a8_map()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tquant.ConversionWarning)  # the attention stays float here
+        qmodel = tquant.convert_to_quantized(encoder(), qmap)
+    x = torch.randn(3, 5, 32)
+    qmodel(x)
+    qmodel.eval()
+    assert all(layer.activation_relu_or_gelu == 0 for layer in qmodel.layers)
+    with torch.no_grad():
+        fast = qmodel(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = qmodel(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    assert fast.unique().numel() <= 2**8  # the last layer's norm2 output quantizer (8 bits) is applied
+
+
+def test_float_encoder_keeps_its_fast_path():
+    model = encoder().eval()
+    assert tquant.disable_fused_transformer_fast_path(model) == 0
+    assert all(layer.activation_relu_or_gelu for layer in model.layers)

@@ -168,3 +168,31 @@ def test_float_outputs_are_judged_by_relative_error():
     ]
     assert _report(close, far).ok(level="all") and not _report(close, far).ok()
     assert not _report(close).ok(min_match=0.9)
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_transformer_encoder_with_float_attention(w_bits, tmp_path):
+    """The issue's case: 2 encoder layers, attention left float. The float ops are named, and onnxruntime
+    agrees within 1 LSB (the PyTorch side runs its quantizers: no fused eval path, see the converter)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    qmap = tquant.QuantizationMap()
+    qmap.default_qconfig.weight_quant = tquant.WeightQuantConfig(w_bits, per_channel=True)
+    qmap.default_qconfig.activation_quant.n_bits = 8
+    tquant.append_default_conversions(qmap)
+    qmap.input_activation_qconfig_map[""] = tquant.ActivationQuantConfig(8, symmetric=False)
+    with pytest.warns(tquant.ConversionWarning, match="left float: 2 MultiheadAttention"):
+        qmodel = tquant.convert_to_quantized(model, qmap)
+    x = torch.randn(4, 10, 32)
+    for _ in range(3):
+        qmodel(x)
+    tquant.fix_ranges(qmodel)
+    qmodel.eval()
+    path = tmp_path / "encoder.onnx"
+    export_onnx(qmodel, x, path)
+    report = validate_onnx(qmodel, x, path)
+    assert report.float_ops.get("Softmax") == 2 and report.float_ops.get("MatMul", 0) >= 4, str(report)
+    for c in report.comparisons:
+        assert c.quantized and c.max_lsb <= 1.0 + 1e-3 and c.code_share >= 0.99, str(report)
+    assert report.ok(), report.failures()

@@ -297,6 +297,8 @@ def quantize_model(model: nn.Module, quantization_map: QuantizationMap, model_na
     result = _quantize(model, quantization_map, model_name, summary, done)
     _float_leftovers(model if result is None else result, model_name, done, summary)
     _report(summary, "quantize_model", strict)
+    if result is not None:
+        disable_fused_transformer_fast_path(result)
     return result
 
 
@@ -319,6 +321,26 @@ def name_quantizers(model: nn.Module) -> None:
             module.layer_name = name
 
 
+def disable_fused_transformer_fast_path(model: nn.Module) -> int:
+    """Keep every ``nn.TransformerEncoderLayer`` that contains quantized layers off PyTorch's fused path.
+
+    In eval mode under ``torch.no_grad()``, ``nn.TransformerEncoderLayer`` (and
+    ``nn.TransformerEncoder``) run ``torch._transformer_encoder_layer_fwd``, a fused kernel that
+    reads ``linear1``/``linear2``/``norm1``/``norm2``'s float weights directly and never calls
+    those modules: their quantizers are skipped and the layer silently evaluates in float (aihwkit
+    has the same quirk). The fused path is only taken when ``activation_relu_or_gelu`` is truthy, an
+    attribute used for nothing else, so setting it to 0 sends such layers through their modules.
+    Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and getattr(module, "activation_relu_or_gelu", 0):
+            if any(isinstance(m, (QuantizedModule, QuantizedInputModule)) for m in module.modules()):
+                module.activation_relu_or_gelu = 0
+                changed += 1
+    return changed
+
+
 def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, strict: bool = False) -> nn.Module:
     """A quantized deep copy of ``model``, with quantization enabled where bit widths are > 0.
 
@@ -327,6 +349,8 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, st
     not in the map (...)``), as does a map that converts nothing. ``strict=True`` raises
     :class:`ConversionError` instead. Modules in ``excluded_modules`` or matched with both bit
     widths <= 0 are kept float on request: no warning for them (unless nothing was converted).
+    Every ``nn.TransformerEncoderLayer`` with quantized layers inside is kept off PyTorch's fused
+    eval path, which would skip their quantizers (:func:`disable_fused_transformer_fast_path`).
 
     Example:
         >>> qmap = QuantizationMap()
@@ -351,6 +375,7 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, st
         summary.input_quantizers[""] = type(model).__name__
     _float_leftovers(quant_model, "", done, summary)
     _report(summary, "convert_to_quantized", strict)
+    disable_fused_transformer_fast_path(quant_model)
     enable_quant_states(quant_model)
     name_quantizers(quant_model)
     return quant_model
@@ -365,6 +390,7 @@ __all__ = [
     "QuantizedModule",
     "append_default_conversions",
     "convert_to_quantized",
+    "disable_fused_transformer_fast_path",
     "get_module_args",
     "name_quantizers",
     "quantize_model",
