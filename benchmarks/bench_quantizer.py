@@ -245,6 +245,8 @@ def run_benchmark(
         for name in providers:
             if name in skipped:
                 continue
+            if name == "compile-ref":
+                log(f"  compile-ref: compiling for 2^{numel.bit_length() - 1} (torch.compile, tens of seconds)...")
             try:
                 forwards[name] = SETUP[name](x)
             except Skip as err:

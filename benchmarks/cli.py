@@ -20,8 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench",
         help="run a benchmark and write its results",
         description=(
-            "Run a tquant benchmark; results go to --out, else benchmarks/results/<device>/ in a source "
-            "checkout or ./tquant-bench-results/<device>/."
+            "Run a tquant benchmark; results go to --out, else ./tquant-bench-results/<device>/ (a temporary "
+            "folder with --quick). tquant's own tree (a checkout's committed benchmarks/results/) is written "
+            "only when --out names it. A warning says when the machine was busy during the run."
         ),
     )
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(parser))

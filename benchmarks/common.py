@@ -11,31 +11,50 @@ the same way:
   (``torch.cuda.max_memory_allocated`` on CUDA, the profiler's allocation events on the CPU);
 - :func:`copy_bandwidth_gbps` measures the device's copy bandwidth, the yardstick for "% of copy";
 - :func:`environment` describes the device, versions, date and machine load, and
-  :func:`device_slug` names the results folder (``results/cpu-amd-epyc/``);
+  :func:`device_slug` names the results folder (``tquant-bench-results/cpu-amd-epyc/``);
+  :func:`finish_environment` records the load at the end and warns (on screen and in the
+  markdown) when other work competed for the CPU during the run;
+- :func:`resolve_out_dir` picks the results folder and refuses to write into tquant's own
+  source or installed tree unless ``--out`` names it;
 - :func:`append_csv`, :func:`write_json`, :func:`markdown_table` write results; CSV files are
   appended to (one row per measurement, tagged with a ``run_id``) so repeated runs show the spread.
+
+Timing loops longer than :data:`PROGRESS_DELAY_S` show a progress bar on stderr (tqdm, when it is
+installed and stderr is a terminal; ``TQDM_DISABLE=1`` turns them off).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
 import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-_HERE = Path(__file__).resolve().parent
-RESULTS_ROOT = _HERE / "results" if (_HERE.parent / "pyproject.toml").exists() else Path.cwd() / "tquant-bench-results"
-"""Where results go by default: ``benchmarks/results/`` in a source checkout (committed results),
-``./tquant-bench-results/`` when tquant runs from a plain install (never into site-packages)."""
+RESULTS_ROOT = Path("tquant-bench-results")
+"""Where results go without ``--out``: ``./tquant-bench-results/<device>/``, relative to the
+working directory of the run (never the committed ``benchmarks/results/``, never site-packages)."""
+PACKAGES = ("tquant", "tquant.kernels", "tquant.export", "tquant.benchmarks")
+"""tquant's packages: their folders (a checkout's ``tquant/``, ``kernels/``, ``export/``,
+``benchmarks/`` with the committed ``benchmarks/results/``, or site-packages' ``tquant/``) are
+written only when ``--out`` names them."""
+PROGRESS_DELAY_S = 2.0
+"""A timing loop shows its progress bar once it has run this long."""
+BUSY_SLACK = 0.5
+"""The machine counts as busy when the load of other work plus the run's threads exceeds the
+usable cores by more than this (see :func:`load_verdict`)."""
 
 
 # -- device description ------------------------------------------------------------------------
@@ -70,12 +89,16 @@ def device_slug(device: torch.device | str) -> str:
 
 
 def default_out_dir(device: torch.device | str) -> Path:
-    """``RESULTS_ROOT/<device_slug>/`` (``benchmarks/results/...`` in a source checkout)."""
+    """``./tquant-bench-results/<device_slug>/`` in the working directory (:data:`RESULTS_ROOT`)."""
     return RESULTS_ROOT / device_slug(device)
 
 
-def environment(device: torch.device | str) -> dict:
-    """Device, versions, threads, date and load: the metadata stored with every result."""
+def environment(device: torch.device | str, warn: bool = True) -> dict:
+    """Device, versions, threads, date and load: the metadata stored with every result.
+
+    With ``warn``, prints a warning to stderr when the machine is already busy (see
+    :func:`load_verdict`); :func:`finish_environment` completes the record at the end of the run.
+    """
     device = torch.device(device)
     try:
         from tquant import __version__ as tquant_version
@@ -87,8 +110,8 @@ def environment(device: torch.device | str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
+    load = _loadavg()
+    env = {
         "device": device_name(device),
         "device_type": device.type,
         "slug": device_slug(device),
@@ -98,9 +121,72 @@ def environment(device: torch.device | str) -> dict:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpus_usable": usable_cpus(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "loadavg_1m": round(load[0], 2),
+        "loadavg_1m": load,
     }
+    if warn:
+        busy, text = load_verdict(load, None, env["threads"], env["cpus_usable"])
+        if busy:
+            print(f"warning: {text}", file=sys.stderr)
+    return env
+
+
+# -- machine load ------------------------------------------------------------------------------
+def _loadavg() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_verdict(start: float | None, end: float | None, threads: int, cpus: int) -> tuple[bool, str]:
+    """``(busy, sentence)`` for the 1-minute load averages at the start and end of a run.
+
+    The load of other work is the load at the start, or at the end minus the run's own threads
+    (the larger); the machine was busy when that plus the run's threads exceeds ``cpus`` by more
+    than :data:`BUSY_SLACK`: then the run shared cores with others and its timings, and any
+    comparison drawn from them, are not reliable.
+    """
+    if start is None and end is None:
+        return False, "load average unknown on this OS"
+    own = min(threads, cpus)
+    other = max(start or 0.0, (end - own) if end is not None else 0.0)
+    loads = f"load average {start}" + (f" at the start, {end} at the end" if end is not None else "")
+    busy = other + own > cpus + BUSY_SLACK
+    if busy:
+        return True, (
+            f"the machine was busy ({loads}, on {cpus} usable CPUs, {threads} threads for the benchmark): "
+            "other work competed for the cores, so these timings and the conclusions drawn from them "
+            "are unreliable; rerun on an idle machine"
+        )
+    return False, f"{loads} on {cpus} usable CPUs ({threads} threads): the machine was not busy"
+
+
+def finish_environment(env: dict) -> dict:
+    """Record the load at the end of the run and the verdict in ``env`` (once); warn on stderr when busy.
+
+    Adds ``loadavg_1m_end``, ``busy`` and ``load_note``. :func:`write_json` and
+    :func:`environment_markdown` call it, so every result file carries the verdict.
+    """
+    if "busy" in env:
+        return env
+    env["loadavg_1m_end"] = _loadavg()
+    threads = int(env.get("threads") or torch.get_num_threads())
+    cpus = int(env.get("cpus_usable") or usable_cpus())
+    env["busy"], env["load_note"] = load_verdict(env.get("loadavg_1m"), env["loadavg_1m_end"], threads, cpus)
+    if env["busy"]:
+        print(f"warning: {env['load_note']}", file=sys.stderr)
+    return env
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -132,6 +218,30 @@ def time_call_ms(fn: Callable[[], object], device: torch.device | str = "cpu") -
     return (t1 - t0) * 1e3
 
 
+def progress_bar(total: int, desc: str, enabled: bool | None = None):
+    """A tqdm bar on stderr that appears after :data:`PROGRESS_DELAY_S` seconds, or None.
+
+    ``enabled=None``: when tqdm is installed and stderr is a terminal; ``True``: whenever tqdm is
+    installed (``TQDM_DISABLE=1`` still turns it off); ``False``: never.
+    """
+    if enabled is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="call",
+        leave=False,
+        delay=PROGRESS_DELAY_S,
+        file=sys.stderr,
+        disable=None if enabled is None else False,
+        dynamic_ncols=True,
+    )
+
+
 def bench_interleaved(
     fns: dict[str, Callable[[], object]],
     *,
@@ -139,26 +249,39 @@ def bench_interleaved(
     warmup: int = 3,
     device: torch.device | str = "cpu",
     max_seconds: float | None = None,
+    desc: str | None = None,
+    progress: bool | None = None,
 ) -> dict[str, list[float]]:
     """Time every provider in ``fns`` ``reps`` times, interleaved; returns ``name -> [ms, ...]``.
 
     Each provider is first called ``warmup`` times. Then every round calls each provider
     once, in an order rotated by one every round. ``max_seconds`` stops early (after at least
-    three rounds) so that slow sizes do not dominate a run.
+    three rounds) so that slow sizes do not dominate a run. A loop that runs longer than
+    :data:`PROGRESS_DELAY_S` shows a progress bar (``desc``, default: the provider names; see
+    :func:`progress_bar` for ``progress``).
     """
     names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-        synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    start = time.perf_counter()
-    for r in range(reps):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            samples[name].append(time_call_ms(fns[name], device))
-        if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
-            break
+    bar = progress_bar(len(names) * (warmup + reps), desc or "timing " + ", ".join(names), progress)
+    try:
+        for name in names:
+            for _ in range(warmup):
+                fns[name]()
+                if bar is not None:
+                    bar.update()
+            synchronize(device)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        start = time.perf_counter()
+        for r in range(reps):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                samples[name].append(time_call_ms(fns[name], device))
+            if bar is not None:
+                bar.update(len(names))
+            if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
     return samples
 
 
@@ -216,7 +339,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = fn()
             del out
         events = prof.profiler.kineto_results.events()
@@ -228,6 +351,37 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         current += nbytes
         peak = max(peak, current)
     return int(peak)
+
+
+@contextlib.contextmanager
+def quiet_profiler_chatter(prefixes: tuple[str, ...] = ("USDT:", "STAGE:")) -> Iterator[None]:
+    """Drop the lines the profiler's C++ side (kineto) prints to stderr meanwhile, keep the rest.
+
+    Kineto writes ``USDT: ... profiler_start`` / ``profiler_stop`` (and ``STAGE:`` lines) straight to
+    file descriptor 2 on every profiling session; ``KINETO_LOG_LEVEL`` can only silence them with
+    its errors. So fd 2 goes to a temporary file while the block runs, and every line that does
+    not start with one of ``prefixes`` is written back to stderr afterwards.
+    """
+    fd = 2  # kineto writes to the process's stderr whatever sys.stderr is
+    sys.stderr.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no stderr at all
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().splitlines(keepends=True)
+            kept = b"".join(line for line in lines if not line.startswith(tuple(p.encode() for p in prefixes)))
+            if kept:
+                os.write(fd, kept)
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -273,7 +427,8 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def write_json(path: Path, env: dict, rows: list[dict], notes: Sequence[str] = ()) -> None:
-    """Write one run (metadata, notes and rows) as JSON."""
+    """Write one run (metadata, notes and rows) as JSON (after :func:`finish_environment`)."""
+    finish_environment(env)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -304,9 +459,16 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 
 
 def environment_markdown(env: dict) -> str:
-    """The metadata of a run as a markdown bullet list."""
-    keys = ("device", "torch", "tquant", "triton", "python", "threads", "cpu_count", "date", "loadavg_1m")
-    return "\n".join(f"- {k}: {env.get(k)}" for k in keys if env.get(k) is not None)
+    """The metadata of a run as a markdown bullet list; a busy machine's warning comes first, in bold."""
+    finish_environment(env)
+    keys = (
+        "device", "torch", "tquant", "triton", "python", "threads", "cpu_count", "cpus_usable", "date",
+        "loadavg_1m", "loadavg_1m_end",
+    )
+    lines = [f"- {k}: {env.get(k)}" for k in keys if env.get(k) is not None]
+    if env.get("busy"):
+        lines.insert(0, f"- **WARNING: {env['load_note']}.**")
+    return "\n".join(lines)
 
 
 def pyplot():
@@ -328,7 +490,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="results folder (default: benchmarks/results/<device>/; a temporary one with --quick)",
+        help=f"results folder (default: ./{RESULTS_ROOT}/<device>/; a temporary one with --quick); "
+        "the only way to write into tquant's own tree, e.g. the committed benchmarks/results/<device>/",
     )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per provider")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider first")
@@ -336,12 +499,50 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
 
 
-def resolve_out_dir(args: argparse.Namespace, device: torch.device | str) -> Path:
-    """The folder results go to: ``--out``, else a temporary folder for ``--quick``, else the default."""
-    if args.out is not None:
-        return Path(args.out)
-    if args.quick:
-        import tempfile
+class OutputDirError(ValueError):
+    """The default results folder lies inside tquant's own tree (see :func:`check_out_dir`)."""
 
+
+def package_dirs() -> list[Path]:
+    """The folders of tquant's packages (:data:`PACKAGES`), resolved."""
+    dirs = []
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(Path(location).resolve())
+    return dirs
+
+
+def check_out_dir(path: Path, explicit: bool) -> Path:
+    """``path``, unless it is the default and lies inside one of :func:`package_dirs`.
+
+    Results written there would modify the committed ``benchmarks/results/`` of a checkout or
+    land in site-packages; only an explicit ``--out`` may point there. Raises :class:`OutputDirError`.
+    """
+    resolved = Path(path).resolve()
+    if not explicit:
+        for directory in package_dirs():
+            if resolved == directory or directory in resolved.parents:
+                raise OutputDirError(
+                    f"the default results folder {resolved} lies inside tquant's own tree ({directory}); "
+                    "run from another folder, or name the folder with --out to write there on purpose"
+                )
+    return Path(path)
+
+
+def resolve_out_dir(args: argparse.Namespace, device: torch.device | str) -> Path:
+    """The folder results go to: ``--out``, else a temporary folder for ``--quick``, else
+    ``./tquant-bench-results/<device>/`` (:func:`default_out_dir`).
+
+    A default inside tquant's own tree (:func:`check_out_dir`) is refused like a bad option: one
+    line on stderr and ``SystemExit(2)``.
+    """
+    if args.out is not None:
+        return check_out_dir(Path(args.out), explicit=True)
+    if args.quick:
         return Path(tempfile.mkdtemp(prefix="tquant-bench-"))
-    return default_out_dir(device)
+    try:
+        return check_out_dir(default_out_dir(device), explicit=False)
+    except OutputDirError as err:
+        print(f"tquant bench: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err

@@ -8,13 +8,27 @@
 - :func:`inspect_onnx` lists a file's Q/DQ pairs and weight bytes by storage type (the
   ``tquant inspect`` command, :mod:`tquant.export.inspect_cmd`).
 
-Needs the ``onnx`` extra: ``pip install 'tquant[onnx]'`` (onnx, onnxruntime, onnxscript).
+Needs the ``onnx`` extra: ``pip install 'tquant[onnx]'`` (onnx, onnxruntime, onnxscript); without
+it, importing this package raises a ``ModuleNotFoundError`` that says so. Importing it also drops
+torch.onnx's "torchvision is not installed. Skipping torchvision::nms" log lines
+(:func:`~tquant.export._quiet.quiet_third_party_logs`); real warnings pass.
 """
 
-from .inspect_cmd import InspectReport, inspect_onnx
-from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
-from .prepare import ExportError, ExportPlan, QuantizerExport, export_mode
-from .validate import OutputComparison, ValidationReport, validate_onnx
+from ..extras import missing_dependency_error
+from ._quiet import quiet_third_party_logs
+
+try:
+    from .inspect_cmd import InspectReport, inspect_onnx
+    from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
+    from .prepare import ExportError, ExportPlan, QuantizerExport, export_mode
+    from .validate import OutputComparison, ValidationReport, validate_onnx
+except ImportError as err:
+    _missing = missing_dependency_error(err, "tquant.export")
+    if _missing is None:
+        raise
+    raise _missing from err
+
+quiet_third_party_logs()
 
 __all__ = [
     "DEFAULT_OPSET",

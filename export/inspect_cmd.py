@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["InspectReport", "QDQEntry", "add_parser", "inspect_onnx", "run"]
+__all__ = ["InspectReport", "QDQEntry", "add_parser", "check_readable", "inspect_onnx", "run"]
 
 _BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT32": 32}
 
@@ -274,15 +274,52 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_readable(path: str) -> str | None:
+    """Why ``path`` cannot be an ONNX file (one line), or None when it is worth parsing."""
+    if os.path.isdir(path):
+        return f"{path} is a directory, not an .onnx file"
+    if not os.path.exists(path):
+        return f"no such file: {path}"
+    if not os.path.isfile(path):
+        return f"{path} is not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    if os.path.getsize(path) == 0:
+        return f"{path} is empty (0 bytes): not an ONNX model (an export that failed half-way?)"
+    return None
+
+
+def _print_to_closed_pipe_safely(text: str) -> None:
+    """Print ``text``; a reader that closed the pipe early (``| head -1``) ends the output quietly.
+
+    Python would report the ``BrokenPipeError`` and then fail again flushing stdout at exit;
+    pointing stdout at ``/dev/null`` after the first failure keeps the exit quiet.
+    """
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a descriptor: nothing to flush
+            pass
+        finally:
+            os.close(devnull)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``tquant inspect``; returns the exit status (0, or 2 when the file cannot be read)."""
-    if not os.path.isfile(args.file):
-        print(f"tquant inspect: no such file: {args.file}", file=sys.stderr)
+    """Run ``tquant inspect``; returns the exit status (0, or 2 with one line on stderr when the file
+    is missing, a directory, empty, unreadable or not ONNX)."""
+    problem = check_readable(args.file)
+    if problem is not None:
+        print(f"tquant inspect: error: {problem}", file=sys.stderr)
         return 2
     try:
         report = inspect_onnx(args.file)
     except Exception as e:  # a corrupt or non-ONNX file: report it, no traceback
-        print(f"tquant inspect: cannot read {args.file} as ONNX: {e}", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"tquant inspect: error: cannot read {args.file} as ONNX: {first}", file=sys.stderr)
         return 2
-    print(report.to_json() if getattr(args, "json", False) else report)
+    _print_to_closed_pipe_safely(report.to_json() if getattr(args, "json", False) else str(report))
     return 0

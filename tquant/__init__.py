@@ -26,8 +26,12 @@ from .config import (
 )
 from .conversion import (
     DEFAULT_CONVERSIONS,
+    ConversionError,
+    ConversionSummary,
+    ConversionWarning,
     append_default_conversions,
     convert_to_quantized,
+    disable_fused_transformer_fast_path,
     get_module_args,
     quantize_model,
 )
@@ -87,6 +91,9 @@ __all__ = [
     "CurrentMinMaxEstimator",
     "CurrentMinMaxEstimatorParams",
     "DEFAULT_CONVERSIONS",
+    "ConversionError",
+    "ConversionSummary",
+    "ConversionWarning",
     "FP32Acts",
     "MSEEstimatorParams",
     "MSE_Estimator",
@@ -123,6 +130,7 @@ __all__ = [
     "convert_configs_to_kwargs_dict",
     "convert_sync_ranges",
     "convert_to_quantized",
+    "disable_fused_transformer_fast_path",
     "convert_weight_config_to_kwargs_dict",
     "enable_quant_states",
     "estimate_act_ranges",

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from . import __version__
+from .extras import install_hint
 
 # subcommand -> module exposing add_parser(subparsers) and run(args) -> int
 SUBCOMMANDS = {
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             modules[name] = importlib.import_module(SUBCOMMANDS[name])
         except ImportError as err:
             if name == wanted:
-                print(f"tquant {name}: missing dependency ({err}); pip install 'tquant[dev]'", file=sys.stderr)
+                missing = getattr(err, "name", None) or str(err)
+                hint = install_hint(missing) or "see the optional dependencies in tquant's README"
+                print(f"tquant {name}: missing dependency {missing}: {hint}", file=sys.stderr)
                 return 2
     parser = build_parser(modules)
     args = parser.parse_args(argv)

@@ -619,10 +619,11 @@ def _plot(report: DemoReport, path: Path) -> None:
     ax_acc.set_title("test accuracy (%)")
     for container in ax_acc.containers:
         ax_acc.bar_label(container, fmt="%.1f", fontsize=8, padding=-12, color="white")
-    ax_acc.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    ax_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)  # below the bars
     sizes = [v.onnx_bytes / 1024 for v in report.variants]
     bars = ax_size.bar(list(xs), sizes, color="tab:green")
     ax_size.bar_label(bars, labels=[f"{100 * v.size_ratio:.0f}%" for v in report.variants])
+    ax_size.margins(y=0.12)  # room for the labels above the bars
     ax_size.set_title("ONNX file (KiB)")
     ax_lat.bar(list(xs), [v.latency_ms_batch for v in report.variants], color="tab:purple")
     ax_lat.set_title(f"onnxruntime latency, batch {LATENCY_BATCH} (ms)")
