@@ -1,10 +1,10 @@
-"""Per-tensor running-min/max 8-bit fake quantizer, training forward / backward, on the CPU.
+"""Per-tensor running-min/max 8-bit fake quantizer, training forward / backward, CPU or CUDA.
 
 Providers, side by side in one process on the same fp32 tensor (``x.requires_grad``):
 
 - ``tquant-torch``: ``tquant.QuantizationManager`` (asymmetric, ``running_minmax``, 8 bits) on
-  the torch path (``tquant.kernels.use_backend("torch")``): ``tquant::update_range`` then
-  ``tquant::fake_quant``;
+  the torch path (backend ``torch``): its planned call (range update + fake quant);
+- ``tquant-triton``: the same manager on the Triton kernels (CUDA only, backend ``auto``);
 - ``torch-fused-op``: ``torch.fused_moving_avg_obs_fake_quant`` (observer and fake quant on,
   running min/max, ``averaging_const=0.1``, quint8 ``[0, 255]``), the yardstick of the ratios;
 - ``torch.ao-module``: ``torch.ao.quantization.FusedMovingAvgObsFakeQuantize`` (same settings);
@@ -15,7 +15,10 @@ Providers, side by side in one process on the same fp32 tensor (``x.requires_gra
 Modes: ``forward`` (range update + fake quant), ``backward`` (gradient of a kept forward,
 ``retain_graph``), ``full`` (both). Minimal traffic per fp32 element: forward 13 bytes (two
 reads of ``x``, one write of ``y``, the 1-byte mask), backward 9 (read grad and mask, write
-grad), full 22. Results go to ``results/<device>/quantizer.{csv,json,md,png}``.
+grad), full 22. ``host_us``: microseconds of Python per call, timed over many calls without a
+device synchronisation (on the CPU it is the call time). The smallest size (2^10) is the host
+overhead proxy: tquant's module-level training forward + backward there against torch's fused op +
+its backward. Results go to ``./tquant-bench-results/<device>/quantizer.{csv,json,md,png}``.
 
 Run: ``python -m tquant.benchmarks.bench_quantizer [--quick]`` or ``tquant bench quantizer``.
 GPU kernel microbenchmarks (Triton) live in ``bench_kernels.py``.
@@ -33,14 +36,17 @@ import torch
 
 from . import common
 
-SIZES = [2**16, 2**18, 2**20, 2**22, 2**24]
-QUICK_SIZES = [2**12, 2**16]
+SIZES = [2**10, 2**16, 2**18, 2**20, 2**22, 2**24]
+QUICK_SIZES = [2**10, 2**12]
+HOST_SIZE = 2**10
+"""The size of the host-overhead acceptance (full mode): tquant within HOST_RATIO of torch's op."""
+HOST_RATIO = 1.3
 MODES = ("forward", "backward", "full")
 BYTES_PER_ELEMENT = {"forward": 13, "backward": 9, "full": 22}
 """Minimal fp32 traffic per element of each mode (see the module docstring)."""
 BASELINE = "torch-fused-op"
 ACCEPTANCE_PROVIDER = "tquant-torch"
-PROVIDERS = ("tquant-torch", "torch-fused-op", "torch.ao-module", "compile-ref", "aihwkit-ref")
+PROVIDERS = ("tquant-torch", "tquant-triton", "torch-fused-op", "torch.ao-module", "compile-ref", "aihwkit-ref")
 
 CSV_FIELDS = [
     "run_id",
@@ -59,6 +65,7 @@ CSV_FIELDS = [
     "pct_of_copy",
     "copy_gbps",
     "peak_mem_mb",
+    "host_us",
 ]
 
 
@@ -67,32 +74,46 @@ class Skip(Exception):
 
 
 # -- providers: each returns a zero-argument training forward on ``x`` ------------------------
-def setup_tquant_torch(x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """tquant's quantization manager on the torch path."""
+def _tquant_manager(x: torch.Tensor, backend: str) -> Callable[[], torch.Tensor]:
     import tquant
-    from tquant.kernels import use_backend
+    from tquant.kernels import set_backend
 
     qm = tquant.QuantizationManager(
         qmethod=tquant.QMethods.asymmetric_uniform,
         init=tquant.RangeEstimators.running_minmax,
         qparams={"n_bits": 8},
-    ).train()
+    ).to(x.device).train()
 
     def forward():
-        with use_backend("torch"):
-            return qm(x)
+        set_backend(backend)  # a global switch (not a context manager): cheap, and fair to time
+        return qm(x)
 
     return forward
 
 
+def setup_tquant_torch(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """tquant's quantization manager on the torch path."""
+    return _tquant_manager(x, "torch")
+
+
+def setup_tquant_triton(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """tquant's quantization manager on the Triton kernels (CUDA tensors)."""
+    from tquant.kernels._triton import HAS_TRITON
+
+    if not x.is_cuda or not HAS_TRITON:
+        raise Skip("tquant-triton: needs a CUDA device and Triton")
+    return _tquant_manager(x, "auto")
+
+
 def setup_torch_fused_op(x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """``torch.fused_moving_avg_obs_fake_quant`` with its own state tensors."""
-    observer_on = torch.ones(1, dtype=torch.long)
-    fake_quant_on = torch.ones(1, dtype=torch.long)
-    running_min = torch.tensor(float("inf"))
-    running_max = torch.tensor(float("-inf"))
-    scale = torch.ones(1)
-    zero_point = torch.zeros(1, dtype=torch.int32)
+    dev = x.device
+    observer_on = torch.ones(1, dtype=torch.long, device=dev)
+    fake_quant_on = torch.ones(1, dtype=torch.long, device=dev)
+    running_min = torch.tensor(float("inf"), device=dev)
+    running_max = torch.tensor(float("-inf"), device=dev)
+    scale = torch.ones(1, device=dev)
+    zero_point = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def forward():
         return torch.fused_moving_avg_obs_fake_quant(
@@ -125,7 +146,7 @@ def setup_torch_ao_module(x: torch.Tensor) -> Callable[[], torch.Tensor]:
         dtype=torch.quint8,
         qscheme=torch.per_tensor_affine,
         averaging_constant=0.1,
-    ).train()
+    ).to(x.device).train()
     return lambda: fq(x)
 
 
@@ -156,8 +177,8 @@ def setup_compile_ref(x: torch.Tensor) -> Callable[[], torch.Tensor]:
 
         functorch_config.donated_buffer = False
         _compiled_reference = torch.compile(_reference_step, dynamic=False)
-    running_min = torch.tensor(float("inf"))
-    running_max = torch.tensor(float("-inf"))
+    running_min = torch.tensor(float("inf"), device=x.device)
+    running_max = torch.tensor(float("-inf"), device=x.device)
     t0 = time.perf_counter()
     try:
         y = _compiled_reference(x, running_min, running_max)
@@ -183,12 +204,13 @@ def setup_aihwkit_ref(x: torch.Tensor) -> Callable[[], torch.Tensor]:
         raise Skip(f"aihwkit-ref: aihwkit is not importable ({err})") from err
     qm = QuantizationManager(
         qmethod=QMethods.asymmetric_uniform, init=RangeEstimators.running_minmax, qparams={"n_bits": 8}
-    ).train()
+    ).to(x.device).train()
     return lambda: qm(x)
 
 
 SETUP = {
     "tquant-torch": setup_tquant_torch,
+    "tquant-triton": setup_tquant_triton,
     "torch-fused-op": setup_torch_fused_op,
     "torch.ao-module": setup_torch_ao_module,
     "compile-ref": setup_compile_ref,
@@ -208,10 +230,24 @@ def mode_fn(forward: Callable[[], torch.Tensor], x: torch.Tensor, grad: torch.Te
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def host_us(fn: Callable[[], object], device: torch.device, calls: int = 200) -> float:
+    """Microseconds of Python per call: ``calls`` calls back to back, no synchronisation inside."""
+    fn()
+    common.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    common.synchronize(device)
+    return (t1 - t0) / calls * 1e6
+
+
 def reps_for(numel: int, quick: bool) -> int:
     """Timed repetitions: more for small tensors, whose timings are noisier."""
     if quick:
         return 5
+    if numel <= 2**12:
+        return 2000
     if numel <= 2**18:
         return 200
     if numel <= 2**20:
@@ -231,6 +267,7 @@ def run_benchmark(
     reps: int | None,
     warmup: int | None,
     measure_memory: bool = True,
+    device: torch.device | str = "cpu",
     log=print,
 ) -> tuple[list[dict], list[str]]:
     """Measure every (size, mode, provider); returns the rows and notes on skipped providers."""
@@ -238,9 +275,10 @@ def run_benchmark(
     rows: list[dict] = []
     skipped: set[str] = set()
     gen = torch.Generator().manual_seed(0)
+    device = torch.device(device)
     for numel in sizes:
-        x = (torch.randn(numel, generator=gen) * 2.0 + 0.5).requires_grad_(True)
-        grad = torch.randn(numel, generator=gen)
+        x = (torch.randn(numel, generator=gen) * 2.0 + 0.5).to(device).requires_grad_(True)
+        grad = torch.randn(numel, generator=gen).to(device)
         forwards = {}
         for name in providers:
             if name in skipped:
@@ -258,19 +296,20 @@ def run_benchmark(
                 f"  compile-ref: compiled for 2^{numel.bit_length() - 1} "
                 f"in {setup_compile_ref.last_compile_s:.1f} s"
             )
-        copy_gbps = common.copy_bandwidth_gbps(numel, reps=max(5, min(50, reps_for(numel, quick))))
+        copy_gbps = common.copy_bandwidth_gbps(numel, device, reps=max(5, min(50, reps_for(numel, quick))))
         for mode in modes:
             fns = {name: mode_fn(fwd, x, grad, mode) for name, fwd in forwards.items()}
             samples = common.bench_interleaved(
                 fns,
                 reps=reps or reps_for(numel, quick),
                 warmup=warmup if warmup is not None else (1 if quick else 3),
+                device=device,
                 max_seconds=None if quick else 45.0,
             )
             stats = {name: common.summarize(s) for name, s in samples.items()}
             base = stats.get(BASELINE, {}).get("median")
             for name, st in stats.items():
-                peak = common.peak_memory_bytes(fns[name]) if measure_memory else None
+                peak = common.peak_memory_bytes(fns[name], device) if measure_memory else None
                 bw = common.gbps(BYTES_PER_ELEMENT[mode] * numel, st["median"])
                 rows.append(
                     {
@@ -287,6 +326,7 @@ def run_benchmark(
                         "pct_of_copy": 100.0 * bw / copy_gbps,
                         "copy_gbps": copy_gbps,
                         "peak_mem_mb": None if peak is None else peak / 2**20,
+                        "host_us": host_us(fns[name], device) if device.type == "cuda" else st["median"] * 1e3,
                     }
                 )
             line = "  ".join(f"{n}={s['median']:.3f}ms" for n, s in stats.items())
@@ -324,6 +364,18 @@ def write_markdown(path: Path, env: dict, rows: list[dict], history: list[dict],
             f"is {verdict} `{BASELINE}`: speed-up {s:.3f}.",
             "",
         ]
+    host = {r["provider"]: r for r in rows if r["numel"] == HOST_SIZE and r["mode"] == "full"}
+    tq = host.get("tquant-triton") or host.get(ACCEPTANCE_PROVIDER)
+    if tq and BASELINE in host:
+        ratio = tq["median_ms"] / host[BASELINE]["median_ms"]
+        verdict = "within" if ratio <= HOST_RATIO else "OVER"
+        parts += [
+            f"**Host overhead (2^10 elements, module-level training forward + backward):** `{tq['provider']}` "
+            f"takes {ratio:.2f}x the time of `{BASELINE}` + its backward: {verdict} the {HOST_RATIO}x budget "
+            f"({tq['median_ms'] * 1e3:.1f} us vs {host[BASELINE]['median_ms'] * 1e3:.1f} us; host "
+            f"{tq['host_us']:.1f} us per call).",
+            "",
+        ]
     for mode in MODES:
         mrows = [r for r in rows if r["mode"] == mode]
         if not mrows:
@@ -337,6 +389,7 @@ def write_markdown(path: Path, env: dict, rows: list[dict], history: list[dict],
                     entry[r["provider"] + "/x"] = r["speedup_vs_torch_op"]
                     entry[r["provider"] + "/gbps"] = r["gbps"]
                     entry[r["provider"] + "/mem"] = r["peak_mem_mb"]
+                    entry[r["provider"] + "/host"] = r["host_us"]
                     entry["copy"] = r["copy_gbps"]
             table.append(entry)
         cols = [("size", "size", "")]
@@ -346,6 +399,7 @@ def write_markdown(path: Path, env: dict, rows: list[dict], history: list[dict],
                 (p + "/x", "speed-up", ".2f"),
                 (p + "/gbps", "GB/s", ".1f"),
                 (p + "/mem", "peak MB", ".1f"),
+                (p + "/host", "host us", ".1f"),
             ]
         cols.append(("copy", "copy GB/s", ".1f"))
         parts += [f"## {mode}", "", common.markdown_table(table, cols), ""]
@@ -418,12 +472,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     common.add_common_args(parser)
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=None, help="log2 of the sizes (default 16 18 20 22 24)"
+        "--sizes", type=int, nargs="+", default=None, help="log2 of the sizes (default 10 16 18 20 22 24)"
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     return parser
 
 
@@ -431,11 +486,16 @@ def main(args: argparse.Namespace) -> int:
     """Run, write ``quantizer.{csv,json,md,png}`` into the results folder, print where."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_quantizer: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return 2
     out = common.resolve_out_dir(args, device)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [2**s for s in args.sizes] if args.sizes else (QUICK_SIZES if args.quick else SIZES)
     providers = list(args.providers or PROVIDERS)
+    if device.type == "cpu" and "tquant-triton" in providers:
+        providers.remove("tquant-triton")  # the interpreter is not a speed to report
     notes = []
     if (args.quick or args.no_compile) and "compile-ref" in providers:
         providers.remove("compile-ref")
@@ -453,6 +513,7 @@ def main(args: argparse.Namespace) -> int:
         reps=args.reps,
         warmup=args.warmup,
         measure_memory=not args.no_memory,
+        device=device,
     )
     notes += run_notes
     run_id = common.new_run_id(env)

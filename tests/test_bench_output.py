@@ -47,7 +47,8 @@ def checkout_cwd(monkeypatch, tmp_path):
 def test_benchmarks_run_from_a_checkout_leave_git_status_clean(checkout_cwd, monkeypatch, capsys):
     """`tquant bench qat` and bench_kernels without --out write ./tquant-bench-results/<device>/ only."""
     monkeypatch.setattr(common, "_loadavg", lambda: 9.5)  # a busy machine: the warning must show
-    assert cli.main(["bench", "qat", "--models", "mlp", "--reps", "2", "--warmup", "1", "--no-plot"]) == 0
+    argv = ["bench", "qat", "--models", "mlp", "--no-compile", "--reps", "2", "--warmup", "1", "--no-plot"]
+    assert cli.main(argv) == 0
     bench_kernels.main(
         ["--device", "cpu", "--sizes", "10", "--reps", "2", "--warmup", "1", "--providers", "tquant-torch",
          "--modes", "fixed", "--granularity", "tensor", "--dtypes", "fp32", "--no-plot"]
@@ -66,7 +67,7 @@ def test_default_folder_inside_the_package_is_refused(monkeypatch, capsys):
     monkeypatch.chdir(package / "results" if (package / "results").is_dir() else package)
     before = sorted(p.name for p in pathlib.Path.cwd().iterdir())
     with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", "qat", "--models", "mlp", "--reps", "1", "--warmup", "0", "--no-plot"])
+        cli.main(["bench", "qat", "--models", "mlp", "--no-compile", "--reps", "1", "--warmup", "0", "--no-plot"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tquant bench: error: the default results folder ")
