@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import backend
-from .host_math import scalar_qparams
+from .host_math import fake_quant_consts
 from .reference import EPS, fake_quant_reference, grid_bounds, param_view
 
 __all__ = ["fake_quant", "fake_quant_forward", "fake_quant_range_grads"]
@@ -57,8 +57,8 @@ def _quantize_in_place(x, scale, zp, qmin, qmax, with_mask):
 def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
     """Torch fast path: bit-identical to the reference."""
     if x.device.type == "cpu" and axis < 0:
-        scale, zp, qmin, qmax = scalar_qparams(delta, zero_float, signed, n_bits, symmetric)
-        return _quantize_in_place(x, scale, None if symmetric else zp, qmin, qmax, with_mask)
+        scale, zp, qmin, qmax = fake_quant_consts(delta.item(), zero_float.item(), signed.item(), n_bits, symmetric)
+        return _quantize_in_place(x, float(scale), None if symmetric else zp, qmin, qmax, with_mask)
     scale, zp, qmin, qmax = _qparams_fast(delta, zero_float, signed, n_bits, symmetric)
     zp = None if zp is None else param_view(zp, x, axis)
     return _quantize_in_place(x, param_view(scale, x, axis), zp, qmin, qmax, with_mask)

@@ -37,11 +37,9 @@ import torch
 
 from . import backend
 from .fake_quant import _fake_quant_torch, _range_grads_torch
-from .host_math import EPS32, F32, qparams_scalar, update_range_scalar
+from .host_math import F32, fake_quant_consts, qparams_f32, update_range_f32
 from .range_update import _batch_minmax_torch, _finalize_torch, _update_range_scalar
 from .reference import (
-    ESTIMATOR_ALL,
-    ESTIMATOR_RUNNING,
     batch_minmax_reference,
     fake_quant_reference,
     qparams_from_range,
@@ -49,8 +47,6 @@ from .reference import (
 )
 
 __all__ = ["QuantizerCall", "quantizer_call"]
-
-_ZERO, _ONE, _EPS = F32(0.0), F32(1.0), F32(EPS32)
 
 HOST_MAX_NUMEL = 1 << 16
 """Largest tensor the host lane takes: numpy runs on one core, torch's ops on all of them."""
@@ -157,9 +153,6 @@ class _HostCall(QuantizerCall):
     def __init__(self, *args):
         super().__init__(*args)
         self._ptrs = self._views = None
-        self._a, self._m = F32(1 - self.momentum), F32(self.momentum)
-        self._full = F32(2**self.n_bits - 1)
-        self._half = F32(2 ** (self.n_bits - 1))
 
     def _state(self, delta, zero_float, signed, range_min, range_max):
         ptrs = (delta.data_ptr(), zero_float.data_ptr(), signed.data_ptr(), range_min.data_ptr(),
@@ -183,48 +176,15 @@ class _HostCall(QuantizerCall):
         """New range and parameters into the views; returns the fake-quant constants."""
         if xn.size:
             lo, hi = F32(xn.min()), F32(xn.max())
-        if not xn.size or not (math.isfinite(lo) and math.isfinite(hi)) or not math.isfinite(rmin_v[()]):
-            return self._update_general(xn, d_v, z_v, s_v, rmin_v, rmax_v)
-        old_lo, old_hi = rmin_v[()], rmax_v[()]
-        if self.estimator == ESTIMATOR_RUNNING:
-            lo, hi = self._a * lo + self._m * old_lo, self._a * hi + self._m * old_hi
-        elif self.estimator == ESTIMATOR_ALL:
-            lo, hi = (old_lo if old_lo <= lo else lo), (old_hi if old_hi >= hi else hi)
-        rmin_v[()], rmax_v[()] = lo, hi
-        x_min = lo if lo <= 0 else _ZERO
-        x_max = hi if hi >= _EPS else _EPS
-        if self.symmetric:
-            signed = bool(x_min < 0)
-            top = -x_min if -x_min >= x_max else x_max
-            delta = top / (self._half - _ONE if signed else self._full)
-            d_v[()], s_v[()] = delta, signed
-            return self._consts(delta, _ZERO, signed)
-        delta = (x_max - x_min) / self._full
-        zero_float = -x_min / delta
-        d_v[()], z_v[()], s_v[()] = delta, zero_float, False
-        return self._consts(delta, zero_float, False)
-
-    def _update_general(self, xn, d_v, z_v, s_v, rmin_v, rmax_v):
-        """Non-finite values in the batch or the old range, or no old range: ``host_math``'s scalar path."""
-        if xn.size:
-            lo_t, hi_t = batch_minmax_reference(torch.from_numpy(xn), -1)
-            lo, hi = float(lo_t), float(hi_t)
         else:
-            lo, hi = math.inf, -math.inf
-        lo, hi = update_range_scalar(lo, hi, float(rmin_v[()]), float(rmax_v[()]), self.estimator, self.momentum)
-        d, z, s = qparams_scalar(lo, hi, self.n_bits, self.symmetric)
-        rmin_v[()], rmax_v[()], d_v[()], z_v[()], s_v[()] = lo, hi, d, z, s
-        return self._consts(F32(d), F32(z), s)
-
-    def _consts(self, delta, zero_float, signed):
-        """``(scale, zp, qmin, qmax)``: float32 scale, the rest Python floats."""
-        scale = delta if not delta < _EPS else _EPS  # torch.clamp(min=EPS) keeps NaN
-        if not self.symmetric:
-            zp = min(max(float(round(float(zero_float))), 0.0), float(self._full))  # round: half to even
-            return scale, zp, 0.0, float(self._full)
-        if signed:
-            return scale, 0.0, -float(self._half), float(self._half) - 1.0
-        return scale, 0.0, 0.0, float(self._full)
+            lo, hi = F32(math.inf), F32(-math.inf)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf in the batch: the masked min/max
+            lo_t, hi_t = batch_minmax_reference(torch.from_numpy(xn), -1)
+            lo, hi = F32(lo_t.item()), F32(hi_t.item())
+        lo, hi = update_range_f32(lo, hi, rmin_v[()], rmax_v[()], self.estimator, self.momentum)
+        delta, zero_float, signed = qparams_f32(lo, hi, self.n_bits, self.symmetric)
+        rmin_v[()], rmax_v[()], d_v[()], z_v[()], s_v[()] = lo, hi, delta, zero_float, signed
+        return fake_quant_consts(delta, zero_float, signed, self.n_bits, self.symmetric)
 
     def _codes(self, xn, consts):
         """``(r, c)``: ``round(x / scale) + zp`` and its clamp to the grid (float32 arrays)."""
@@ -255,7 +215,7 @@ class _HostCall(QuantizerCall):
         return out
 
     def _fixed_consts(self, delta, zero_float, signed):
-        return self._consts(F32(delta.item()), F32(zero_float.item()), signed.item())
+        return fake_quant_consts(delta.item(), zero_float.item(), signed.item(), self.n_bits, self.symmetric)
 
     def forward(self, x, delta, zero_float, signed, with_mask):
         return self._values(x, self._fixed_consts(delta, zero_float, signed), with_mask)

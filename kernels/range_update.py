@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import backend
-from .host_math import qparams_host, qparams_scalar, update_range_host, update_range_scalar, write_state
+from .host_math import F32, qparams_f32, qparams_host, update_range_f32, update_range_host, write_state
 from .reference import (
     ESTIMATOR_ALL,
     ESTIMATOR_CURRENT,
@@ -182,23 +182,23 @@ def update_range_op(
 
 def _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, estimator,
                          momentum, first):
-    """CPU, per tensor: one ``aminmax``, the scalar math in Python floats, five fills."""
+    """CPU, per tensor: one ``aminmax``, the scalar math on float32 scalars, five fills."""
     xd = x.detach()
     if xd.numel():
         lo_t, hi_t = torch.aminmax(xd.reshape(-1))
-        lo, hi = lo_t.item(), hi_t.item()
+        lo, hi = F32(lo_t.item()), F32(hi_t.item())
     else:
-        lo, hi = math.inf, -math.inf
+        lo, hi = F32(math.inf), F32(-math.inf)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo_t, hi_t = batch_minmax_reference(xd, -1)
-        lo, hi = lo_t.item(), hi_t.item()
-    old = (None, None) if first else (range_min.item(), range_max.item())
-    lo, hi = update_range_scalar(lo, hi, *old, estimator, momentum, first)
-    d, z, s = qparams_scalar(lo, hi, n_bits, symmetric)
-    range_min.fill_(lo)
-    range_max.fill_(hi)
-    delta.fill_(d)
-    zero_float.fill_(z)
+        lo, hi = F32(lo_t.item()), F32(hi_t.item())
+    old_lo = F32(math.nan) if first else F32(range_min.item())
+    lo, hi = update_range_f32(lo, hi, old_lo, F32(range_max.item()), estimator, momentum)
+    d, z, s = qparams_f32(lo, hi, n_bits, symmetric)
+    range_min.fill_(float(lo))
+    range_max.fill_(float(hi))
+    delta.fill_(float(d))
+    zero_float.fill_(float(z))
     signed.fill_(s)
 
 

@@ -174,3 +174,33 @@ def test_old_checkpoint_of_uninitialised_per_channel_quantizers_loads():
     bad = dict(state, **{"fc2.weight_quantizer.quantizer._delta": torch.ones(7)})
     with pytest.raises(RuntimeError, match="fc2.weight_quantizer: the checkpoint's per-channel range has shape"):
         qmodel.load_state_dict(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_capture_a_full_qat_step_without_host_syncs():
+    """``mode="reduce-overhead"``: the QAT step replays as CUDA graphs; no step synchronises the host."""
+    model, qmap, sample = mlp_case(per_channel=True)
+    qmodel = tquant.convert_to_quantized(model, qmap).cuda()
+    compiled = torch.compile(qmodel, mode="reduce-overhead", fullgraph=True)
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    x = sample(8).cuda()
+
+    def step():
+        loss_of(compiled(x)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # the first, initialising step, then the warm-up runs that record the graphs
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+    q = qmodel.fc2.weight_quantizer.quantizer
+    assert q.is_initialized and torch.isfinite(q._delta).all()

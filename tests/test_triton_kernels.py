@@ -36,6 +36,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 if HAS_TRITON:
     from tquant.kernels import _triton_fake_quant as FQ
+    from tquant.kernels import _triton_plan as TP
     from tquant.kernels._triton import tl, triton
 
 # Gradient sums: |triton - torch| <= SUM_RTOL[dtype] * sum(|terms|) (different summation order).
@@ -477,6 +478,7 @@ def tiny_tiles(monkeypatch):
     monkeypatch.setattr(FQ, "_PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(FQ, "_FINALIZE_TILE", 8)
     monkeypatch.setattr(FQ, "_FINALIZE_BLOCK_P", 2)
+    monkeypatch.setattr(TP, "_plans", type(TP._plans)())  # plans made with the usual tiles must not be reused
 
 
 @pytest.mark.parametrize("symmetric,kind", [

@@ -1,0 +1,128 @@
+"""The planned quantizer call (``tquant.kernels.quantizer_call``) against the eager reference.
+
+Every lane — ``host`` (small contiguous fp32/fp16 CPU tensors, per tensor), ``torch`` (everything
+else on the torch path) and, where Triton is present, ``triton`` (interpreter on CPU tensors) —
+must give the reference backend's outputs and quantizer state bit for bit, over several steps of
+each estimator, including batches with NaN/inf and the first, initialising step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tquant
+import tquant.kernels as K
+from tquant.kernels import reference as R
+from tquant.kernels._triton import HAS_TRITON, INTERPRET
+from tquant.kernels.host_math import F32, qparams_f32, update_range_f32
+from tquant.kernels.quantizer_call import HOST_MAX_NUMEL
+
+ESTIMATORS = [tquant.RangeEstimators.current_minmax, tquant.RangeEstimators.allminmax,
+              tquant.RangeEstimators.running_minmax]
+LANES = ["host", "torch"] + (["triton"] if HAS_TRITON and (INTERPRET or torch.cuda.is_available()) else [])
+
+
+def manager(symmetric, estimator, per_channel, n_bits=8):
+    qmethod = tquant.QMethods.symmetric_uniform if symmetric else tquant.QMethods.asymmetric_uniform
+    return tquant.QuantizationManager(qmethod, estimator, per_channel=per_channel, qparams={"n_bits": n_bits}).train()
+
+
+def batches(lane: str, per_channel: bool):
+    """Inputs for ``lane``: the host lane takes small contiguous fp32/fp16 tensors per tensor."""
+    torch.manual_seed(0)
+    shape = (6, 35)
+    make = {
+        "host": lambda s: torch.randn(shape) * s,
+        "torch": lambda s: (torch.randn(shape[1], shape[0]) * s).t(),  # strided: never the host lane
+        "triton": lambda s: torch.randn(shape) * s,
+    }[lane]
+    xs = [make(1.0), make(3.0) + 1.0, make(0.5).abs()]
+    bad = make(2.0)
+    bad[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    xs.append(bad)
+    if lane == "host" and not per_channel:
+        xs.append(make(1.5).half())
+    return [x.cuda() if lane == "triton" and torch.cuda.is_available() else x for x in xs]
+
+
+def state(qm):
+    q, est = qm.quantizer, qm.range_estimator
+    return [q._delta, q._zero_float, q._signed, est.current_xmin, est.current_xmax]
+
+
+def assert_bits(a: torch.Tensor, b: torch.Tensor, what: str):
+    a, b = a.detach().cpu(), b.detach().cpu()
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    if a.dtype == torch.bool:
+        assert torch.equal(a, b), what
+        return
+    same = (a.view(torch.int32 if a.dtype == torch.float32 else torch.int16) ==
+            b.view(torch.int32 if b.dtype == torch.float32 else torch.int16)) | (a.isnan() & b.isnan())
+    assert same.all(), f"{what}: {a[~same][:4].tolist()} vs {b[~same][:4].tolist()}"
+
+
+LANE_CASES = [pytest.param(lane, pc, id=f"{lane}-{'channel' if pc else 'tensor'}")
+              for lane in LANES for pc in (False, True) if not (lane == "host" and pc)]  # host: per tensor only
+
+
+@pytest.mark.parametrize("lane, per_channel", LANE_CASES)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: e.name)
+def test_lane_matches_reference(lane, per_channel, symmetric, estimator):
+    qm, ref = manager(symmetric, estimator, per_channel), manager(symmetric, estimator, per_channel)
+    for step, x in enumerate(batches(lane, per_channel)):
+        xr = x.detach().clone().requires_grad_(True)
+        xq = x.detach().clone().requires_grad_(True)
+        with K.use_backend("triton" if lane == "triton" else "torch"):
+            y = qm(xq)
+        call = next(c for k, c in qm._calls.items() if k[0] == x.shape and k[1] == x.stride() and k[2] == x.dtype)
+        assert call.lane == lane, (call.lane, lane)
+        with K.use_backend("reference"):
+            y_ref = ref(xr.to(ref.quantizer._delta.device))
+        assert_bits(y, y_ref, f"step {step}: y")
+        for name, a, b in zip(("delta", "zero_float", "signed", "range_min", "range_max"), state(qm), state(ref)):
+            assert_bits(a, b, f"step {step}: {name}")
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(xq.grad, xr.grad, rtol=1e-6, atol=1e-6)  # grad * mask vs (g * s) / s
+
+
+def test_large_and_bf16_inputs_take_the_torch_lane():
+    qm = manager(True, tquant.RangeEstimators.running_minmax, False)
+    qm(torch.randn(HOST_MAX_NUMEL + 1))
+    qm(torch.randn(8, 8).bfloat16())
+    with K.use_backend("torch"):
+        qm(torch.randn(8, 8))
+    lanes = {(tuple(key[0]), key[2]): call.lane for key, call in qm._calls.items()}
+    assert lanes == {((HOST_MAX_NUMEL + 1,), torch.float32): "torch", ((8, 8), torch.bfloat16): "torch",
+                     ((8, 8), torch.float32): "host"}
+
+
+finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+ranges = st.one_of(finite32, st.just(math.inf), st.just(-math.inf), st.just(0.0), st.just(-0.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lo=ranges, hi=ranges, old_lo=st.one_of(finite32, st.just(math.nan), st.just(math.inf)),
+       old_hi=st.one_of(finite32, st.just(-math.inf)), estimator=st.sampled_from([0, 1, 2]),
+       momentum=st.sampled_from([0.9, 0.37, 0.0]), n_bits=st.sampled_from([2, 4, 8, 16]), symmetric=st.booleans())
+def test_scalar_host_math_is_the_reference(lo, hi, old_lo, old_hi, estimator, momentum, n_bits, symmetric):
+    """``update_range_f32`` / ``qparams_f32`` on float32 scalars give the reference's bits."""
+    if math.isnan(old_lo):
+        old_hi = math.nan
+    t = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    new_min, new_max = R.update_range_reference(t(lo), t(hi), t(old_lo), t(old_hi), estimator, momentum)
+    d, z, s = R.qparams_from_range(new_min, new_max, n_bits, symmetric)
+    with np.errstate(all="ignore"):
+        f_lo, f_hi = update_range_f32(F32(lo), F32(hi), F32(old_lo), F32(old_hi), estimator, momentum)
+        fd, fz, fs = qparams_f32(f_lo, f_hi, n_bits, symmetric)
+    for name, a, b in (("min", f_lo, new_min), ("max", f_hi, new_max), ("delta", fd, d), ("zero_float", fz, z)):
+        assert_bits(torch.tensor(np.float32(a)), b, name)
+    assert fs == bool(s)
