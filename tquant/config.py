@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .errors import QuantizationConfigError
+from .registry import implementation
 
 MAX_BITS = 16
 
@@ -35,10 +36,8 @@ class RangeEstimators(enum.Enum):
 
     @property
     def cls(self) -> type:
-        """The range estimator module class of this member."""
-        from .range_estimators import ESTIMATOR_CLASSES
-
-        return ESTIMATOR_CLASSES[self]
+        """The range estimator module class of this member (see :mod:`tquant.registry`)."""
+        return implementation(self)
 
 
 class OptMethod(enum.Enum):
@@ -60,9 +59,8 @@ class QMethods(enum.Enum):
 
     @property
     def cls(self) -> type:
-        from .quantizers import AsymmetricUniformQuantizer, SymmetricUniformQuantizer
-
-        return SymmetricUniformQuantizer if self is QMethods.symmetric_uniform else AsymmetricUniformQuantizer
+        """The quantizer module class of this member (see :mod:`tquant.registry`)."""
+        return implementation(self)
 
     @classmethod
     def list(cls) -> list[str]:

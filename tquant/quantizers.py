@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 from . import kernels
+from .config import QMethods
 from .errors import QuantizerNotInitializedError
 from .kernels.reference import EPS, grid_bounds, scale_and_zero_point
+from .registry import register_quantizer
 
 
 class Fp32StateMixin:
@@ -210,6 +212,7 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
         )
 
 
+@register_quantizer(QMethods.symmetric_uniform)
 class SymmetricUniformQuantizer(QuantizerBase):
     """Symmetric quantizer: ``zp = 0``; signed or unsigned grid chosen by the data's sign."""
 
@@ -222,6 +225,7 @@ class SymmetricUniformQuantizer(QuantizerBase):
         self.register_buffer("_zero_float", torch.zeros(self.state_shape), persistent=False)
 
 
+@register_quantizer(QMethods.asymmetric_uniform)
 class AsymmetricUniformQuantizer(QuantizerBase):
     """Asymmetric quantizer: grid ``[0, 2^b - 1]`` with a learned-or-estimated zero point."""
 

@@ -21,6 +21,7 @@ from . import kernels
 from .config import OptMethod, RangeEstimators
 from .kernels.reference import update_range_reference
 from .quantizers import Fp32StateMixin
+from .registry import register_range_estimator
 
 
 class RangeEstimatorBase(Fp32StateMixin, nn.Module):
@@ -144,6 +145,7 @@ def _all_reduce_range(bmin: torch.Tensor, bmax: torch.Tensor, process_group) -> 
         dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=process_group)
 
 
+@register_range_estimator(RangeEstimators.current_minmax)
 class CurrentMinMaxEstimator(RangeEstimatorBase):
     """The range of the current batch; ``percentile`` p clips the lower and upper p% tails.
 
@@ -170,6 +172,7 @@ class CurrentMinMaxEstimator(RangeEstimatorBase):
         return f"per_channel={self.per_channel}, percentile={self.percentile}"
 
 
+@register_range_estimator(RangeEstimators.allminmax)
 class AllMinMaxEstimator(RangeEstimatorBase):
     """The min of the minima and the max of the maxima over every batch seen."""
 
@@ -179,6 +182,7 @@ class AllMinMaxEstimator(RangeEstimatorBase):
         return self._minmax_forward(x)
 
 
+@register_range_estimator(RangeEstimators.running_minmax)
 class RunningMinMaxEstimator(RangeEstimatorBase):
     """Exponential moving average of the batch ranges: ``new = (1 - m) * batch + m * old``."""
 
@@ -201,6 +205,7 @@ class RunningMinMaxEstimator(RangeEstimatorBase):
         return f"per_channel={self.per_channel}, momentum={self.momentum}"
 
 
+@register_range_estimator(RangeEstimators.MSE)
 class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
     """Search the clipping range that minimises the quantization MSE.
 
@@ -256,17 +261,11 @@ class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
         )
 
 
+@register_range_estimator(RangeEstimators.cross_entropy)
 class CrossEntropyEstimator(MSE_Estimator):
     """Like :class:`MSE_Estimator`, minimising ``sum(-softmax(x) * log_softmax(q(x)))`` over dim 1."""
 
     loss_name = "cross_entropy"
 
 
-ESTIMATOR_CLASSES = {
-    RangeEstimators.current_minmax: CurrentMinMaxEstimator,
-    RangeEstimators.allminmax: AllMinMaxEstimator,
-    RangeEstimators.running_minmax: RunningMinMaxEstimator,
-    RangeEstimators.MSE: MSE_Estimator,
-    RangeEstimators.cross_entropy: CrossEntropyEstimator,
-}
 SEARCH_ESTIMATORS = (RangeEstimators.MSE, RangeEstimators.cross_entropy)
