@@ -266,6 +266,7 @@ def export_mode(
     weight_storage: str = "auto",
     opset: int = INT4_OPSET,
     signed_storage: bool = False,
+    signed_weights: bool = True,
     bias_add: str = "auto",
 ) -> Iterator[ExportPlan]:
     """Route the model's quantizers through the export ops inside the block; restore it afterwards.
@@ -281,6 +282,12 @@ def export_mode(
             (a signed grid shifted by half the type's range, e.g. int8 ``[-128, 127]``, zp 0 →
             uint8 ``[0, 255]``, zp 128), which gives identical values and is what onnxruntime's x86
             integer kernels run without u8s8 saturation (see :func:`tquant.kernels.qdq.shift_to_unsigned`).
+        signed_weights: store signed *weight* grids in signed types even when ``signed_storage`` is
+            False (default True): uint8 activations with int8 weights (zero point 0 for symmetric
+            grids) is onnxruntime's U8S8 layout, what its ``quantize_static`` writes and the fast
+            path of its x86 VNNI / AVX-512 and ARM kernels (its U8U8 path is about twice as slow).
+            On AVX2 CPUs without VNNI, U8S8 products can saturate: check with ``validate_onnx``
+            there, or pass False.
         bias_add: ``"auto"`` (a separate ``Add`` for the bias of Linear/Conv layers whose weights are
             stored in 4 bits, which onnxruntime cannot fuse anyway), ``"fused"`` (bias inside
             ``Gemm``/``Conv``: lets onnxruntime fuse QGemm/QLinearConv, at the price of its int32
@@ -299,6 +306,9 @@ def export_mode(
         raise ValueError(f"export: weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
     if bias_add not in BIAS_ADDS:
         raise ValueError(f"export: bias_add must be one of {BIAS_ADDS}, got {bias_add!r}")
+    for flag, value in (("signed_storage", signed_storage), ("signed_weights", signed_weights)):
+        if not isinstance(value, bool):
+            raise ValueError(f"export: {flag} must be True or False, got {value!r}")
     if opset < MIN_OPSET:
         raise ValueError(f"export: opset must be >= {MIN_OPSET} (dynamo exporter), got {opset}")
     check_eval(model)
@@ -320,7 +330,7 @@ def export_mode(
         if id(m) in owners:
             owner_path, owner = owners[id(m)]
             bits = _weight_storage_bits(c.n_bits, weight_storage, opset, name)
-            if not signed_storage:
+            if not (signed_storage or signed_weights):
                 c, _ = shift_to_unsigned(c, bits)
             entry = QuantizerExport(name, "weight", c, bits, None, owner_path)
             codes = quantize_codes(owner.weight.detach(), c)

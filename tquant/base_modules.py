@@ -199,6 +199,7 @@ class QuantizationHijacker(QuantizedModule):
                 f"{type(self).__name__}.activation: {type(activation).__name__} is not a supported activation"
             )
         self.activation_function = copy.deepcopy(activation) if activation is not None else None
+        self.unfolded_activation: str | None = None  # set by tquant.folding: why a following one was not folded
         self.activation_quantizer = QuantizationManager(
             qmethod=self.act_method,
             init=self.act_range_method,

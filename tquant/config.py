@@ -315,6 +315,11 @@ class QuantizationMap:
     ``input_activation_qconfig_map`` wraps the named (converted or kept) modules in a
     :class:`~tquant.QuantizedInputModule`. ``default_qconfig`` is only used by
     :func:`~tquant.append_default_conversions`.
+
+    ``fold_activations`` (default False, aihwkit's behaviour): fold a ReLU/ReLU6/Hardtanh that
+    directly follows a converted layer in an ``nn.Sequential`` into that layer, so its output
+    quantizer sits after the activation and each tensor is quantized once (see
+    :mod:`tquant.folding` for the patterns folded and the activations left alone).
     """
 
     default_qconfig: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -322,9 +327,14 @@ class QuantizationMap:
     instance_qconfig_map: dict = field(default_factory=dict)
     input_activation_qconfig_map: dict = field(default_factory=dict)
     excluded_modules: list = field(default_factory=list)
+    fold_activations: bool = False
 
     def validate(self) -> None:
         """Check keys and values of every map (called by the converter before it starts)."""
+        if not isinstance(self.fold_activations, bool):
+            raise QuantizationConfigError(
+                f"QuantizationMap.fold_activations must be True or False, got {self.fold_activations!r}"
+            )
         _check_type(self.default_qconfig, QuantizationConfig, "QuantizationMap.default_qconfig")
         for key, value in self.module_qconfig_map.items():
             if not (isinstance(key, type) and issubclass(key, nn.Module)):

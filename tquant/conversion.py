@@ -11,6 +11,7 @@ from torch import nn
 from .base_modules import QuantizedModule
 from .config import QuantizationConfig, QuantizationMap, QuantizedModuleConfig, convert_configs_to_kwargs_dict
 from .errors import QuantizationConfigError
+from .folding import fold_sequential_activations
 from .layers import (
     QuantConv1d,
     QuantConv2d,
@@ -129,6 +130,8 @@ def quantize_model(model: nn.Module, quantization_map: QuantizationMap, model_na
         if full_name in quantization_map.input_activation_qconfig_map:
             new_child = QuantizedInputModule(new_child, quantization_map.input_activation_qconfig_map[full_name])
         setattr(model, name, new_child)
+    if quantization_map.fold_activations and isinstance(model, nn.Sequential):
+        fold_sequential_activations(model, set(quantization_map.excluded_modules), model_name)
     return model
 
 

@@ -330,23 +330,27 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def quantization_map(weight_bits: int, act_bits: int = 8) -> tquant.QuantizationMap:
+def quantization_map(weight_bits: int, act_bits: int = 8, fold_activations: bool = True) -> tquant.QuantizationMap:
     """The demo's :class:`~tquant.QuantizationMap` for :class:`DigitsCNN`.
 
     - every conv/linear layer: ``weight_bits`` symmetric per-channel weights and an ``act_bits``
       output quantizer (``default_qconfig`` + ``append_default_conversions``);
-    - the input of every such layer quantized to ``act_bits`` (``input_activation_qconfig_map``):
-      for ``features.0`` that is the image; for the others the input comes through ReLU /
-      max-pool / flatten, and quantizing it gives onnxruntime the ``DequantizeLinear → Conv →
-      QuantizeLinear`` pattern it runs as an integer kernel (QLinearConv, QGemm);
+    - ``fold_activations`` (default): each ReLU is folded into the layer before it, so the output
+      quantizer sits after the ReLU and each tensor is quantized once; only the image (the input
+      of ``features.0``) gets an input quantizer. In ONNX every conv runs as one QLinearConv and
+      every hidden linear as a QGemm, with no float ``DequantizeLinear → Relu → QuantizeLinear``
+      between them (max-pool and flatten run on the uint8 tensor);
+    - without folding (aihwkit's default conversion): the input of every layer is quantized too
+      (``input_activation_qconfig_map``), so each tensor is quantized twice (before and after
+      the ReLU);
     - the last layer's output (the logits) stays float (``instance_qconfig_map``): an argmax over
       8-bit logits has ties, which a one-LSB difference between runtimes would break either way.
     """
-    qmap = tquant.QuantizationMap()
+    qmap = tquant.QuantizationMap(fold_activations=fold_activations)
     qmap.default_qconfig.weight_quant = tquant.WeightQuantConfig(weight_bits, symmetric=True,
                                                                  per_channel=True)
     qmap.default_qconfig.activation_quant = tquant.ActivationQuantConfig(act_bits)
-    for name in DigitsCNN.LAYERS:
+    for name in DigitsCNN.LAYERS[:1] if fold_activations else DigitsCNN.LAYERS:
         qmap.input_activation_qconfig_map[name] = tquant.ActivationQuantConfig(act_bits)
     float_logits = tquant.QuantizationConfig(
         tquant.ActivationQuantConfig(0), copy.deepcopy(qmap.default_qconfig.weight_quant)
