@@ -354,7 +354,9 @@ def export_mode(
             if not (signed_storage or signed_weights):
                 c, _ = shift_to_unsigned(c, bits)
             entry = QuantizerExport(name, "weight", c, bits, None, owner_path)
-            codes = quantize_codes(owner.weight.detach(), c)
+            # the weight the layer quantizes: for a QuantConvBn2d the BN-folded one
+            weight = owner.get_weight_bias()[0] if hasattr(owner, "get_weight_bias") else owner.weight
+            codes = quantize_codes(weight.detach(), c)
             bufs = {"codes": codes, "scale": c.scale, "zero_point": c.zero_point}
             installs.append((m, "forward", _WeightForward(m, entry), bufs))
             if _wants_separate_bias(owner, bits, bias_add):

@@ -11,7 +11,7 @@ from torch import nn
 from .base_modules import QuantizedModule
 from .config import QuantizationConfig, QuantizationMap, QuantizedModuleConfig, convert_configs_to_kwargs_dict
 from .errors import QuantizationConfigError
-from .folding import fold_sequential_activations
+from .folding import fold_batch_norm, fold_sequential_activations, sequential_conv_bn_pairs
 from .layers import (
     QuantConv1d,
     QuantConv2d,
@@ -130,6 +130,8 @@ def quantize_model(model: nn.Module, quantization_map: QuantizationMap, model_na
         if full_name in quantization_map.input_activation_qconfig_map:
             new_child = QuantizedInputModule(new_child, quantization_map.input_activation_qconfig_map[full_name])
         setattr(model, name, new_child)
+    if quantization_map.fold_batch_norm and isinstance(model, nn.Sequential):
+        fold_batch_norm(model, sequential_conv_bn_pairs(model), quantization_map.bn_freeze_step)
     if quantization_map.fold_activations and isinstance(model, nn.Sequential):
         fold_sequential_activations(model, set(quantization_map.excluded_modules), model_name)
     return model
@@ -173,6 +175,11 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap) ->
     quant_model = quantize_model(copy.deepcopy(model), quantization_map)
     if quant_model is None:
         quant_model = copy.deepcopy(model)
+    if quantization_map.batch_norm_pairs:
+        try:
+            fold_batch_norm(quant_model, quantization_map.batch_norm_pairs, quantization_map.bn_freeze_step)
+        except ValueError as e:
+            raise QuantizationConfigError(f"QuantizationMap.batch_norm_pairs: {e}") from e
     if isinstance(quant_model, nn.Module) and "" in quantization_map.input_activation_qconfig_map:
         quant_model = QuantizedInputModule(quant_model, quantization_map.input_activation_qconfig_map[""])
     enable_quant_states(quant_model)
