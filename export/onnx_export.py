@@ -235,12 +235,15 @@ def export_onnx(
 
 
 def unfolded_activation_notes(model: nn.Module) -> list[str]:
-    """``"<layer>: <why>"`` for each layer whose following activation was left unfolded."""
-    return [
-        f"layer '{name}': {m.unfolded_activation}"
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "unfolded_activation", None), str)
-    ]
+    """``"layer '<name>': <why>"`` for each layer whose following activation was left unfolded or whose
+    bias stays float although int32 biases were asked for (``QuantizationMap.quantize_bias``)."""
+    notes = []
+    for name, m in model.named_modules():
+        for attr in ("unfolded_activation", "float_bias_note"):
+            text = getattr(m, attr, None)
+            if isinstance(text, str):
+                notes.append(f"layer '{name}': {text}")
+    return notes
 
 
 def strip_debug_info(model: ir.Model) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import tquant
+from tquant.kernels.bias_codes import bias_codes
 from tquant.kernels.qdq import ExportConstants, quantize_codes, shift_to_unsigned, storage_dtype
 
 __all__ = [
@@ -62,7 +63,8 @@ class QuantizerExport:
     ``storage_bits``: 4, 8 or 16; ``constants``: the deployment constants as stored (after
     :func:`~tquant.kernels.qdq.shift_to_unsigned` unless ``signed_storage``), or ``None`` with
     ``error`` set when the quantizer has no range (raised if the export uses it); ``owner``: the
-    layer whose weight it quantizes; ``separate_bias``: that layer's bias is a separate ``Add``.
+    layer whose weight it quantizes; ``separate_bias``: that layer's bias is a separate ``Add``;
+    ``int32_bias``: that layer's bias is stored as int32 codes at input scale x weight scale.
     """
 
     name: str
@@ -72,6 +74,7 @@ class QuantizerExport:
     error: Exception | None = None
     owner: str = ""
     separate_bias: bool = False
+    int32_bias: bool = False
 
     @property
     def per_channel(self) -> bool:
@@ -252,6 +255,34 @@ class _SeparateBias:
         return y + bias.reshape(shape)
 
 
+class _Int32Bias:
+    """Replacement ``quantize_bias`` of a layer with an int32 bias: ``tquant::dequantize_bias`` on its codes."""
+
+    def __init__(self, layer: nn.Module, axis: int):
+        self.layer = layer
+        self.axis = axis
+
+    def __call__(self, bias: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.tquant.dequantize_bias(self.layer.bias_codes, self.layer.bias_scale, self.axis)
+        return y if bias.dtype == torch.float32 else y.to(bias.dtype)
+
+
+def _int32_bias(owner: nn.Module, weight_constants: ExportConstants) -> tuple[int, dict] | None:
+    """``(axis, buffers)`` for a layer whose bias is quantized to int32 in QAT (``bias_input_quantizer``)."""
+    source = owner.bias_input_quantizer() if hasattr(owner, "bias_input_quantizer") else None
+    if source is None or not hasattr(owner, "get_weight_bias"):
+        return None
+    bias = owner.get_weight_bias()[1]
+    if bias is None or not source.is_initialized:
+        return None
+    s_x = _constants(source)
+    if s_x.axis >= 0:
+        return None
+    scale = s_x.scale.reshape(()) * weight_constants.scale
+    axis = 0 if scale.dim() > 0 else -1
+    return axis, {"bias_codes": bias_codes(bias.detach().cpu(), scale), "bias_scale": scale}
+
+
 class _FlattenLinear:
     """Replacement ``run_forward`` of a Linear layer: inputs of rank > 2 go through a 2-D ``Gemm``.
 
@@ -359,6 +390,11 @@ def export_mode(
             codes = quantize_codes(weight.detach(), c)
             bufs = {"codes": codes, "scale": c.scale, "zero_point": c.zero_point}
             installs.append((m, "forward", _WeightForward(m, entry), bufs))
+            int32 = _int32_bias(owner, c)
+            if int32 is not None:
+                entry.int32_bias = True
+                int32_bufs = {k: v.to(device) for k, v in int32[1].items()}
+                installs.append((owner, "quantize_bias", _Int32Bias(owner, int32[0]), int32_bufs))
             if _wants_separate_bias(owner, bits, bias_add):
                 entry.separate_bias = True
                 installs.append((owner, "run_forward", _SeparateBias(owner), {}))

@@ -177,16 +177,22 @@ def test_collapse_dq_q(second_scale, removed):
 
 # -- what onnxruntime leaves after optimisation ---------------------------------------------------------
 def test_demo_cnn_is_fully_integer_after_onnxruntime_optimisation(tmp_path):
-    """The demo's map (folded ReLUs, one input quantizer, float logits): 1 Q at the input, the float
-    head's 2 DQs (its input and weight), every conv a QLinearConv."""
-    torch.manual_seed(0)
-    qmodel = models.calibrated(demo.DigitsCNN(), demo.quantization_map(8), lambda b: torch.rand(b, 1, 8, 8))
-    path = tmp_path / "digits.onnx"
-    export_onnx(qmodel, torch.rand(4, 1, 8, 8), path)
-    graph = optimized_graph(path)
-    assert (graph.quantize, graph.dequantize) == (1, 2), graph.summary()
-    assert graph.integer_nodes == {"QGemm": 1, "QLinearConv": 3}, graph.summary()
-    assert [op for op, _ in graph.float_nodes] == ["Gemm"], graph.summary()
+    """The demo's map (folded ReLUs, one input quantizer, int32 biases, float logits): onnxruntime
+    leaves 1 QuantizeLinear (the image) and no DequantizeLinear (the last QGemm outputs float);
+    without folding and int32 biases, a Q/DQ pair at every layer boundary."""
+    counts = {}
+    for fold in (True, False):
+        torch.manual_seed(0)
+        qmap = demo.quantization_map(8, fold_activations=fold)
+        qmodel = models.calibrated(demo.DigitsCNN(), qmap, lambda b: torch.rand(b, 1, 8, 8))
+        path = tmp_path / f"digits-{fold}.onnx"
+        export_onnx(qmodel, torch.rand(4, 1, 8, 8), path)
+        counts[fold] = graph = optimized_graph(path)
+        if fold:
+            assert (graph.quantize, graph.dequantize) == (1, 0), graph.summary()
+            assert graph.integer_nodes == {"QGemm": 2, "QLinearConv": 3}, graph.summary()
+            assert graph.float_nodes == [], graph.summary()
+    assert (counts[False].quantize, counts[False].dequantize) == (5, 6), counts[False].summary()
 
 
 TRANSFORMER_QDQ = (5, 10)

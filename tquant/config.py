@@ -325,6 +325,9 @@ class QuantizationMap:
     weight is the BN-folded weight); ``batch_norm_pairs`` names more pairs (``{"layer1.conv1":
     "layer1.bn1"}``) for convs used from a custom ``forward``; ``bn_freeze_step``: training
     forwards after which the running statistics stop updating (None: never).
+    ``quantize_bias`` (default False): Linear/Conv biases fake-quantized to int32 at input scale x
+    weight scale, as onnxruntime's integer kernels add them (:mod:`tquant.bias` has the rule that
+    finds each layer's input quantizer).
     """
 
     default_qconfig: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -336,10 +339,11 @@ class QuantizationMap:
     fold_batch_norm: bool = False
     batch_norm_pairs: dict = field(default_factory=dict)
     bn_freeze_step: int | None = None
+    quantize_bias: bool = False
 
     def validate(self) -> None:
         """Check keys and values of every map (called by the converter before it starts)."""
-        for flag in ("fold_activations", "fold_batch_norm"):
+        for flag in ("fold_activations", "fold_batch_norm", "quantize_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantizationConfigError(
                     f"QuantizationMap.{flag} must be True or False, got {getattr(self, flag)!r}"

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .base_modules import QuantizedModule
+from .bias import link_bias_input_quantizers
 from .config import QuantizationConfig, QuantizationMap, QuantizedModuleConfig, convert_configs_to_kwargs_dict
 from .errors import QuantizationConfigError
 from .folding import fold_batch_norm, fold_sequential_activations, sequential_conv_bn_pairs
@@ -183,6 +184,8 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap) ->
     if isinstance(quant_model, nn.Module) and "" in quantization_map.input_activation_qconfig_map:
         quant_model = QuantizedInputModule(quant_model, quantization_map.input_activation_qconfig_map[""])
     enable_quant_states(quant_model)
+    if quantization_map.quantize_bias:
+        link_bias_input_quantizers(quant_model)
     name_quantizers(quant_model)
     return quant_model
 

@@ -330,7 +330,8 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def quantization_map(weight_bits: int, act_bits: int = 8, fold_activations: bool = True) -> tquant.QuantizationMap:
+def quantization_map(weight_bits: int, act_bits: int = 8, fold_activations: bool = True,
+                     quantize_bias: bool | None = None) -> tquant.QuantizationMap:
     """The demo's :class:`~tquant.QuantizationMap` for :class:`DigitsCNN`.
 
     - every conv/linear layer: ``weight_bits`` symmetric per-channel weights and an ``act_bits``
@@ -340,13 +341,17 @@ def quantization_map(weight_bits: int, act_bits: int = 8, fold_activations: bool
       of ``features.0``) gets an input quantizer. In ONNX every conv runs as one QLinearConv and
       every hidden linear as a QGemm, with no float ``DequantizeLinear → Relu → QuantizeLinear``
       between them (max-pool and flatten run on the uint8 tensor);
+    - ``quantize_bias`` (default: as ``fold_activations``): conv/linear biases on the int32 grid of
+      input scale x weight scale, as onnxruntime's integer kernels add them (the first linear
+      after ``Flatten`` keeps a float bias: its input quantizer is in another Sequential);
     - without folding (aihwkit's default conversion): the input of every layer is quantized too
       (``input_activation_qconfig_map``), so each tensor is quantized twice (before and after
       the ReLU);
     - the last layer's output (the logits) stays float (``instance_qconfig_map``): an argmax over
       8-bit logits has ties, which a one-LSB difference between runtimes would break either way.
     """
-    qmap = tquant.QuantizationMap(fold_activations=fold_activations)
+    qmap = tquant.QuantizationMap(fold_activations=fold_activations,
+                                  quantize_bias=fold_activations if quantize_bias is None else quantize_bias)
     qmap.default_qconfig.weight_quant = tquant.WeightQuantConfig(weight_bits, symmetric=True,
                                                                  per_channel=True)
     qmap.default_qconfig.activation_quant = tquant.ActivationQuantConfig(act_bits)
