@@ -54,7 +54,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     common.add_common_args(parser)
     parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, default=list(SUBJECTS))
     parser.add_argument("--epochs", type=int, default=None, help="float training epochs (digits; default 15)")
-    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits; default 3)")
+    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits; default 4, as the demo)")
     return parser
 
 
@@ -206,7 +206,7 @@ def run_subject(subject: str, directory: Path, args) -> list[dict]:
     warmup = args.warmup or (2 if quick else 10)
     if subject == "digits":
         epochs = args.epochs if args.epochs is not None else (1 if quick else 15)
-        qat_epochs = args.qat_epochs if args.qat_epochs is not None else (1 if quick else 3)
+        qat_epochs = args.qat_epochs if args.qat_epochs is not None else (1 if quick else 4)
         paths, x_test, y_test = digits_files(directory, epochs, qat_epochs)
         x = np.ascontiguousarray(x_test[:BATCH])
     else:

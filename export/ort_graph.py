@@ -66,6 +66,21 @@ class OptimizedGraph:
         return f"Q {self.quantize} / DQ {self.dequantize} left; integer nodes: {fused}; float compute nodes: {left}"
 
 
+def _named_nodes(path: str, message: str) -> str:
+    """``" (node 'n' is com.example:Op)"`` for the file's nodes whose op the message mentions
+    (onnxruntime names the op it lacks, not the node)."""
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # the file itself is unreadable: onnxruntime's message says so
+        return ""
+    hits = [
+        f"node '{n.name or n.output[0]}' is {n.domain + ':' if n.domain else ''}{n.op_type}"
+        for n in graph.node
+        if f"{n.domain}:{n.op_type}(" in message or f" {n.op_type}(" in message or f"'{n.op_type}'" in message
+    ]
+    return f" ({'; '.join(hits[:3])}{' ...' if len(hits) > 3 else ''})" if hits else ""
+
+
 def optimized_graph(path: str | os.PathLike) -> OptimizedGraph:
     """Optimise ``path`` with onnxruntime (CPU, ``ORT_ENABLE_ALL``) and summarise the result.
 
@@ -89,7 +104,7 @@ def optimized_graph(path: str | os.PathLike) -> OptimizedGraph:
         try:
             ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-            raise RuntimeError(f"onnxruntime cannot load {path!r}: {e}") from e
+            raise RuntimeError(f"onnxruntime cannot load {path!r}{_named_nodes(path, str(e))}: {e}") from e
         graph = onnx.load(out, load_external_data=False).graph
     counts = Counter(node.op_type for node in graph.node)
     floats = [(node.op_type, node.name) for node in graph.node if node.op_type in FLOAT_COMPUTE_OPS]
