@@ -73,7 +73,7 @@ def test_tiny_run_writes_report_and_files(tiny_run):
     for row in (w8, w3):
         assert {"min_match_share", "max_abs", "max_lsb", "fused", "report"} <= set(row["validation"])
         assert row["ptq_accuracy"] is not None
-    assert len(summary["checks"]) == 5 and all(isinstance(v, bool) for v in summary["checks"].values())
+    assert len(summary["checks"]) == 6 and all(isinstance(v, bool) for v in summary["checks"].values())
     assert summary["seconds"] > 0
 
 
