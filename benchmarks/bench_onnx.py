@@ -12,8 +12,10 @@ Subjects (CPU, onnxruntime CPU provider, 1 intra-op thread, batch 32):
   - ``tquant W8A8 unfolded``: the same QAT recipe with aihwkit's default conversion (no folding,
     every layer input quantized) exported with uint8-shifted weights (the export before issue 11).
 - ``encoder``: ``nn.TransformerEncoder`` (d 256, 4 heads, FFN 1024, 4 layers, sequence 32) on
-  random inputs: float, ``quantize_static``, and tquant W8A8 (every ``nn.Linear``/``LayerNorm``
-  converted, calibrated post-training, no QAT); error = relative L2 distance to the float output.
+  random inputs: float, ``quantize_static``, and tquant W8A8 (each layer converted to a
+  :class:`~tquant.attention.QuantTransformerEncoderLayer`: quantized projections, attention
+  matmuls, softmax, residual adds and norms, int32 biases; calibrated post-training on 4 random
+  batches, no QAT); error = relative L2 distance to the float output.
 
 All sessions of a subject are timed interleaved in one process (``common.bench_interleaved``,
 order rotated every round); reported are medians and the ratios to float and to
@@ -27,6 +29,7 @@ Run: ``python -m tquant.benchmarks.bench_onnx [--quick]`` or ``tquant bench onnx
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -170,6 +173,7 @@ class Encoder(nn.Module):
 def encoder_files(directory: Path, quick: bool, seq: int = 32):
     """Export the encoder variants; returns ``(paths, x, float reference output)``."""
     import tquant
+    from tquant.attention import QuantTransformerEncoderLayer
     from tquant.export import export_onnx
 
     # the fused eval fast path reads the weights directly and bypasses tquant's layers
@@ -186,6 +190,10 @@ def encoder_files(directory: Path, quick: bool, seq: int = 32):
     qmap.default_qconfig.weight_quant = tquant.WeightQuantConfig(8, symmetric=True, per_channel=True)
     qmap.default_qconfig.activation_quant = tquant.ActivationQuantConfig(8)
     qmap.input_activation_qconfig_map[""] = tquant.ActivationQuantConfig(8)
+    qmap.module_qconfig_map[nn.TransformerEncoderLayer] = tquant.QuantizedModuleConfig(
+        QuantTransformerEncoderLayer, copy.deepcopy(qmap.default_qconfig)
+    )
+    qmap.quantize_bias = True
     tquant.append_default_conversions(qmap)
     qmodel = tquant.convert_to_quantized(model, qmap)
     tquant.estimate_ranges(qmodel)

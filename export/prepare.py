@@ -12,8 +12,8 @@ export_qparams()``, a host read) and temporarily routes
 registering the constants as buffers on the managers (``codes``, ``scale``, ``zero_point``), so
 they become ONNX initializers named after the quantizer (``fc1.weight_quantizer.codes``). The
 layers' eval weight cache is switched off meanwhile, and (``bias_add``) a Linear/Conv layer may
-get an instance ``run_forward`` that adds its bias after the op, and a Linear layer one that runs
-inputs of rank > 2 as a 2-D ``Gemm`` (see :class:`_FlattenLinear`). On exit the model is exactly as
+get an instance ``run_forward`` that adds its bias after the op, and a Linear layer a ``forward``
+that runs inputs of rank > 2 on their 2-D view (see :class:`_FlattenLinear`). On exit the model is exactly as
 before: the instance overrides and the buffers are removed, ``caching`` is restored.
 
 The forwards it installs compute the same values as the model's eval forward with fixed ranges,
@@ -284,23 +284,32 @@ def _int32_bias(owner: nn.Module, weight_constants: ExportConstants) -> tuple[in
 
 
 class _FlattenLinear:
-    """Replacement ``run_forward`` of a Linear layer: inputs of rank > 2 go through a 2-D ``Gemm``.
+    """Replacement ``forward`` of a Linear layer: inputs of rank > 2 run the whole layer in 2-D.
 
-    ``x[..., in] -> reshape(-1, in) -> linear -> reshape(..., out)``: the same values, but the
-    exporter writes ``Reshape → Gemm(transB=1) → Reshape`` (the weight stays ``[out, in]``, no
-    ``Transpose``) instead of ``MatMul`` on a transposed weight plus a float ``Add``, so
-    onnxruntime fuses ``DequantizeLinear → Gemm → QuantizeLinear`` into a QGemm with the bias
-    inside (a MatMul followed by a bias Add only becomes MatMulIntegerToFloat + a float Add).
+    ``x[..., in] -> reshape(-1, in) -> layer (linear, activation, output quantizer) -> reshape(..., out)``:
+    the same values, but the exporter writes ``Reshape → Gemm(transB=1) → (Relu) → QuantizeLinear
+    → DequantizeLinear → Reshape`` (the weight stays ``[out, in]``, no ``Transpose``) instead of
+    ``MatMul`` on a transposed weight plus a float ``Add``, so onnxruntime fuses a QGemm with the
+    bias (and a folded ReLU) inside; a MatMul followed by a bias Add only becomes
+    MatMulIntegerToFloat + a float Add.
     """
 
     def __init__(self, layer: nn.Module):
-        self.run = layer.run_forward
+        self.forward = layer.forward
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets=None):
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
         if x.dim() <= 2:
-            return self.run(x, weight, bias, offsets=offsets)
-        y = self.run(x.reshape(-1, x.shape[-1]), weight, bias, offsets=offsets)
+            return self.forward(x, *args, **kwargs)
+        y = self.forward(x.reshape(-1, x.shape[-1]), *args, **kwargs)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _flattens(owner: nn.Module) -> bool:
+    """A Linear layer whose output quantizer (if any) is per tensor: it can run on the 2-D view."""
+    if not isinstance(owner, nn.Linear) or not hasattr(owner, "run_forward"):
+        return False
+    act = getattr(owner, "activation_quantizer", None)
+    return not (isinstance(act, tquant.QuantizationManager) and act.quantizer.per_channel)
 
 
 def _wants_separate_bias(owner: nn.Module, storage_bits: int, bias_add: str) -> bool:
@@ -398,8 +407,8 @@ def export_mode(
             if _wants_separate_bias(owner, bits, bias_add):
                 entry.separate_bias = True
                 installs.append((owner, "run_forward", _SeparateBias(owner), {}))
-            elif isinstance(owner, nn.Linear) and hasattr(owner, "run_forward"):
-                installs.append((owner, "run_forward", _FlattenLinear(owner), {}))
+            elif _flattens(owner):
+                installs.append((owner, "forward", _FlattenLinear(owner), {}))
         else:
             bits = 16 if c is not None and c.n_bits > 8 else 8
             if c is not None and bits == 16 and opset < INT4_OPSET and id(m) in active:
