@@ -196,8 +196,9 @@ def _run(config: DemoConfig, device: torch.device, out: Path, console, started: 
 
     # 2. quantized variants: convert, calibrate, QAT
     variants = [("W8A8 QAT", 8), (f"W{config.bits}A8 QAT", config.bits)]
-    console.print(f"QuantizationMap: per-channel int8 | int{config.bits} weights, int8 inputs and outputs "
-                  "of every conv/linear, float logits")
+    console.print(f"QuantizationMap: per-channel int8 | int{config.bits} weights, int8 image input, ReLUs folded "
+                  "into the layers (int8 outputs after them: one quantization per tensor), int32 biases, "
+                  "float logits")
     trained: list[tuple[str, int, nn.Module, float, float, torch.Tensor, float]] = []
     for name, wbits in variants:
         qmodel = tquant.convert_to_quantized(float_model, quantization_map(wbits))
