@@ -1,4 +1,4 @@
-"""``tquant bench quantizer|qat [--quick] ...``: run the CPU benchmarks from the command line."""
+"""``tquant bench quantizer|qat|onnx [--quick] ...``: run the CPU benchmarks from the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ BENCHES = {
         "per-tensor running-min/max fake quantizer vs torch's fused op",
     ),
     "qat": ("tquant.benchmarks.bench_qat", "QAT training step overhead over float: tquant vs torch.ao"),
+    "onnx": ("tquant.benchmarks.bench_onnx", "onnxruntime latency: tquant int8 vs float vs quantize_static"),
 }
 
 

@@ -59,6 +59,7 @@ class InspectReport:
     count_by_type: dict[str, int] = field(default_factory=dict)
     quantized_weight_bytes: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    runtime: dict | None = None
 
     @property
     def activations(self) -> list[QDQEntry]:
@@ -106,6 +107,7 @@ class InspectReport:
             f"  {'total':8s} {sum(self.count_by_type.values()):5d} tensors  "
             f"{_kib(sum(self.quantized_weight_bytes.values())):>11s} / {_kib(total):>11s}"
         )
+        lines += runtime_lines(self.runtime)
         return "\n".join(lines)
 
 
@@ -239,7 +241,50 @@ def inspect_onnx(path: str | os.PathLike) -> InspectReport:
             report.quantized_weight_bytes[dtype] = report.quantized_weight_bytes.get(
                 dtype, 0
             ) + _tensor_bytes(init)
+    report.runtime = runtime_report(path)
     return report
+
+
+# -- what onnxruntime makes of the file ----------------------------------------------------------
+def runtime_report(path: str) -> dict:
+    """What onnxruntime's optimiser (CPU, all optimisations) leaves of the file, as a JSON-able dict.
+
+    ``q_left`` / ``dq_left``: QuantizeLinear / DequantizeLinear nodes left (each a float boundary
+    at run time); ``integer_nodes``: fused integer node counts; ``float_nodes``: ``[op, node name]``
+    of the compute nodes that still run in float (why a model is slow); ``error``: onnxruntime's
+    message when it cannot load the file (it names the node and the op it lacks), else None.
+    """
+    from .ort_graph import optimized_graph
+
+    try:
+        g = optimized_graph(path)
+    except ImportError as e:
+        return {"error": f"onnxruntime is not installed ({e})"}
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {
+        "q_left": g.quantize,
+        "dq_left": g.dequantize,
+        "integer_nodes": g.integer_nodes,
+        "float_nodes": [list(pair) for pair in g.float_nodes],
+        "error": None,
+    }
+
+
+def runtime_lines(runtime: dict | None) -> list[str]:
+    """The ``tquant inspect`` section for :func:`runtime_report`'s dict."""
+    if runtime is None:
+        return []
+    lines = ["", "after onnxruntime's optimisation (CPU, all optimisations):"]
+    if runtime.get("error"):
+        return lines + [f"  cannot load: {runtime['error']}"]
+    fused = ", ".join(f"{k} {v}" for k, v in runtime["integer_nodes"].items()) or "none"
+    lines.append(f"  Q/DQ left: {runtime['q_left']} QuantizeLinear / {runtime['dq_left']} DequantizeLinear")
+    lines.append(f"  integer nodes: {fused}")
+    floats = runtime["float_nodes"]
+    lines.append(f"  nodes left float: {len(floats)}" + ("" if floats else " (fully integer)"))
+    lines += [f"    {op:20s} {name}" for op, name in floats]
+    return lines
 
 
 def _storage_range(storage: str) -> tuple[int, int]:

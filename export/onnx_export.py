@@ -19,6 +19,7 @@ from torch import nn
 import tquant
 
 from .prepare import INT4_OPSET, ExportError, QuantizerExport, export_mode, flatten_outputs, warn_estimating
+from .qdq_passes import collapse_dq_q
 from .translations import fold_int4_casts, translation_table
 
 __all__ = ["DEFAULT_OPSET", "ExportResult", "export_onnx"]
@@ -44,15 +45,18 @@ class ExportResult:
     quantizers: list[QuantizerExport] = field(default_factory=list)
     node_counts: dict[str, int] = field(default_factory=dict)
     double_qdq: list[str] = field(default_factory=list)
+    collapsed: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         n_w = sum(q.kind == "weight" for q in self.quantizers)
         n_a = sum(q.kind == "activation" and q.error is None for q in self.quantizers)
         nodes = ", ".join(f"{k} {v}" for k, v in sorted(self.node_counts.items()))
-        return (
+        text = (
             f"{self.path}: {self.file_bytes / 1024:.1f} KiB, opset {self.opset}, {n_w} integer weights, "
             f"{n_a} activation quantizers; nodes: {nodes}"
         )
+        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -104,6 +108,7 @@ def export_onnx(
     weight_storage: str = "auto",
     *,
     signed_storage: bool = False,
+    signed_weights: bool = True,
     bias_add: str = "auto",
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -131,6 +136,8 @@ def export_onnx(
         weight_storage: ``"auto"``, ``"int8"`` or ``"int4"`` (see :func:`~tquant.export.prepare.export_mode`).
         signed_storage: keep signed grids in signed types (TensorRT's convention) instead of the
             equivalent unsigned types onnxruntime's x86 kernels run exactly (see ``export_mode``).
+        signed_weights: keep signed weight grids in int8/int4 with uint8 activations (default:
+            onnxruntime's own U8S8 layout and its fastest kernels; see ``export_mode``).
         bias_add: ``"auto"``, ``"fused"`` or ``"separate"`` (see ``export_mode``).
         input_names, output_names: names of the graph's inputs/outputs (default: the exporter's).
         check: run ``onnx.checker.check_model(full_check=True)`` on the file before renaming it.
@@ -157,7 +164,8 @@ def export_onnx(
         raise FileNotFoundError(f"export_onnx: directory {directory!r} does not exist")
     warn_estimating(model, "export_onnx")
     with export_mode(
-        model, weight_storage=weight_storage, opset=opset, signed_storage=signed_storage, bias_add=bias_add
+        model, weight_storage=weight_storage, opset=opset, signed_storage=signed_storage,
+        signed_weights=signed_weights, bias_add=bias_add,
     ) as plan:
         with torch.no_grad():
             outputs = flatten_outputs(model(*args))  # surfaces uninitialised quantizers before the slow trace
@@ -188,6 +196,7 @@ def export_onnx(
     onnx_model = program.model
     fold_int4_casts(onnx_model)
     tidy_qdq_attributes(onnx_model)
+    collapsed = collapse_dq_q(onnx_model)
     if not keep_debug_info:
         strip_debug_info(onnx_model)
     doubles = double_qdq_pairs(onnx_model)
@@ -220,8 +229,21 @@ def export_onnx(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return ExportResult(
-        path, opset, weight_storage, os.path.getsize(path), plan.quantizers, dict(counts), doubles
+        path, opset, weight_storage, os.path.getsize(path), plan.quantizers, dict(counts), doubles,
+        collapsed, unfolded_activation_notes(model),
     )
+
+
+def unfolded_activation_notes(model: nn.Module) -> list[str]:
+    """``"layer '<name>': <why>"`` for each layer whose following activation was left unfolded or whose
+    bias stays float although int32 biases were asked for (``QuantizationMap.quantize_bias``)."""
+    notes = []
+    for name, m in model.named_modules():
+        for attr in ("unfolded_activation", "float_bias_note"):
+            text = getattr(m, attr, None)
+            if isinstance(text, str):
+                notes.append(f"layer '{name}': {text}")
+    return notes
 
 
 def strip_debug_info(model: ir.Model) -> None:

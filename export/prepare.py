@@ -12,7 +12,8 @@ export_qparams()``, a host read) and temporarily routes
 registering the constants as buffers on the managers (``codes``, ``scale``, ``zero_point``), so
 they become ONNX initializers named after the quantizer (``fc1.weight_quantizer.codes``). The
 layers' eval weight cache is switched off meanwhile, and (``bias_add``) a Linear/Conv layer may
-get an instance ``run_forward`` that adds its bias after the op. On exit the model is exactly as
+get an instance ``run_forward`` that adds its bias after the op, and a Linear layer a ``forward``
+that runs inputs of rank > 2 on their 2-D view (see :class:`_FlattenLinear`). On exit the model is exactly as
 before: the instance overrides and the buffers are removed, ``caching`` is restored.
 
 The forwards it installs compute the same values as the model's eval forward with fixed ranges,
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 import tquant
+from tquant.kernels.bias_codes import bias_codes
 from tquant.kernels.qdq import ExportConstants, quantize_codes, shift_to_unsigned, storage_dtype
 
 __all__ = [
@@ -61,7 +63,8 @@ class QuantizerExport:
     ``storage_bits``: 4, 8 or 16; ``constants``: the deployment constants as stored (after
     :func:`~tquant.kernels.qdq.shift_to_unsigned` unless ``signed_storage``), or ``None`` with
     ``error`` set when the quantizer has no range (raised if the export uses it); ``owner``: the
-    layer whose weight it quantizes; ``separate_bias``: that layer's bias is a separate ``Add``.
+    layer whose weight it quantizes; ``separate_bias``: that layer's bias is a separate ``Add``;
+    ``int32_bias``: that layer's bias is stored as int32 codes at input scale x weight scale.
     """
 
     name: str
@@ -71,6 +74,7 @@ class QuantizerExport:
     error: Exception | None = None
     owner: str = ""
     separate_bias: bool = False
+    int32_bias: bool = False
 
     @property
     def per_channel(self) -> bool:
@@ -251,6 +255,63 @@ class _SeparateBias:
         return y + bias.reshape(shape)
 
 
+class _Int32Bias:
+    """Replacement ``quantize_bias`` of a layer with an int32 bias: ``tquant::dequantize_bias`` on its codes."""
+
+    def __init__(self, layer: nn.Module, axis: int):
+        self.layer = layer
+        self.axis = axis
+
+    def __call__(self, bias: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.tquant.dequantize_bias(self.layer.bias_codes, self.layer.bias_scale, self.axis)
+        return y if bias.dtype == torch.float32 else y.to(bias.dtype)
+
+
+def _int32_bias(owner: nn.Module, weight_constants: ExportConstants) -> tuple[int, dict] | None:
+    """``(axis, buffers)`` for a layer whose bias is quantized to int32 in QAT (``bias_input_quantizer``)."""
+    source = owner.bias_input_quantizer() if hasattr(owner, "bias_input_quantizer") else None
+    if source is None or not hasattr(owner, "get_weight_bias"):
+        return None
+    bias = owner.get_weight_bias()[1]
+    if bias is None or not source.is_initialized:
+        return None
+    s_x = _constants(source)
+    if s_x.axis >= 0:
+        return None
+    scale = s_x.scale.reshape(()) * weight_constants.scale
+    axis = 0 if scale.dim() > 0 else -1
+    return axis, {"bias_codes": bias_codes(bias.detach().cpu(), scale), "bias_scale": scale}
+
+
+class _FlattenLinear:
+    """Replacement ``forward`` of a Linear layer: inputs of rank > 2 run the whole layer in 2-D.
+
+    ``x[..., in] -> reshape(-1, in) -> layer (linear, activation, output quantizer) -> reshape(..., out)``:
+    the same values, but the exporter writes ``Reshape → Gemm(transB=1) → (Relu) → QuantizeLinear
+    → DequantizeLinear → Reshape`` (the weight stays ``[out, in]``, no ``Transpose``) instead of
+    ``MatMul`` on a transposed weight plus a float ``Add``, so onnxruntime fuses a QGemm with the
+    bias (and a folded ReLU) inside; a MatMul followed by a bias Add only becomes
+    MatMulIntegerToFloat + a float Add.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.forward = layer.forward
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        if x.dim() <= 2:
+            return self.forward(x, *args, **kwargs)
+        y = self.forward(x.reshape(-1, x.shape[-1]), *args, **kwargs)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _flattens(owner: nn.Module) -> bool:
+    """A Linear layer whose output quantizer (if any) is per tensor: it can run on the 2-D view."""
+    if not isinstance(owner, nn.Linear) or not hasattr(owner, "run_forward"):
+        return False
+    act = getattr(owner, "activation_quantizer", None)
+    return not (isinstance(act, tquant.QuantizationManager) and act.quantizer.per_channel)
+
+
 def _wants_separate_bias(owner: nn.Module, storage_bits: int, bias_add: str) -> bool:
     if bias_add == "fused" or not isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
         return False
@@ -266,6 +327,7 @@ def export_mode(
     weight_storage: str = "auto",
     opset: int = INT4_OPSET,
     signed_storage: bool = False,
+    signed_weights: bool = True,
     bias_add: str = "auto",
 ) -> Iterator[ExportPlan]:
     """Route the model's quantizers through the export ops inside the block; restore it afterwards.
@@ -281,6 +343,12 @@ def export_mode(
             (a signed grid shifted by half the type's range, e.g. int8 ``[-128, 127]``, zp 0 →
             uint8 ``[0, 255]``, zp 128), which gives identical values and is what onnxruntime's x86
             integer kernels run without u8s8 saturation (see :func:`tquant.kernels.qdq.shift_to_unsigned`).
+        signed_weights: store signed *weight* grids in signed types even when ``signed_storage`` is
+            False (default True): uint8 activations with int8 weights (zero point 0 for symmetric
+            grids) is onnxruntime's U8S8 layout, what its ``quantize_static`` writes and the fast
+            path of its x86 VNNI / AVX-512 and ARM kernels (its U8U8 path is about twice as slow).
+            On AVX2 CPUs without VNNI, U8S8 products can saturate: check with ``validate_onnx``
+            there, or pass False.
         bias_add: ``"auto"`` (a separate ``Add`` for the bias of Linear/Conv layers whose weights are
             stored in 4 bits, which onnxruntime cannot fuse anyway), ``"fused"`` (bias inside
             ``Gemm``/``Conv``: lets onnxruntime fuse QGemm/QLinearConv, at the price of its int32
@@ -299,6 +367,9 @@ def export_mode(
         raise ValueError(f"export: weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
     if bias_add not in BIAS_ADDS:
         raise ValueError(f"export: bias_add must be one of {BIAS_ADDS}, got {bias_add!r}")
+    for flag, value in (("signed_storage", signed_storage), ("signed_weights", signed_weights)):
+        if not isinstance(value, bool):
+            raise ValueError(f"export: {flag} must be True or False, got {value!r}")
     if opset < MIN_OPSET:
         raise ValueError(f"export: opset must be >= {MIN_OPSET} (dynamo exporter), got {opset}")
     check_eval(model)
@@ -320,15 +391,24 @@ def export_mode(
         if id(m) in owners:
             owner_path, owner = owners[id(m)]
             bits = _weight_storage_bits(c.n_bits, weight_storage, opset, name)
-            if not signed_storage:
+            if not (signed_storage or signed_weights):
                 c, _ = shift_to_unsigned(c, bits)
             entry = QuantizerExport(name, "weight", c, bits, None, owner_path)
-            codes = quantize_codes(owner.weight.detach(), c)
+            # the weight the layer quantizes: for a QuantConvBn2d the BN-folded one
+            weight = owner.get_weight_bias()[0] if hasattr(owner, "get_weight_bias") else owner.weight
+            codes = quantize_codes(weight.detach(), c)
             bufs = {"codes": codes, "scale": c.scale, "zero_point": c.zero_point}
             installs.append((m, "forward", _WeightForward(m, entry), bufs))
+            int32 = _int32_bias(owner, c)
+            if int32 is not None:
+                entry.int32_bias = True
+                int32_bufs = {k: v.to(device) for k, v in int32[1].items()}
+                installs.append((owner, "quantize_bias", _Int32Bias(owner, int32[0]), int32_bufs))
             if _wants_separate_bias(owner, bits, bias_add):
                 entry.separate_bias = True
                 installs.append((owner, "run_forward", _SeparateBias(owner), {}))
+            elif _flattens(owner):
+                installs.append((owner, "forward", _FlattenLinear(owner), {}))
         else:
             bits = 16 if c is not None and c.n_bits > 8 else 8
             if c is not None and bits == 16 and opset < INT4_OPSET and id(m) in active:

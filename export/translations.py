@@ -5,6 +5,7 @@
 - ``quantize_dequantize(x, scale, zp, qmin, qmax, axis)`` into ``QuantizeLinear`` →
   (``Clip(qmin, qmax)`` when the grid is narrower than the storage type: the QCDQ form) →
   ``DequantizeLinear``; the storage type is the zero point's dtype (int8/uint8/int16/uint16);
+- ``dequantize_bias(codes, scale, axis)`` into ``DequantizeLinear`` on an int32 bias (zero point 0);
 - ``dequantize_codes(codes, scale, zp, axis, storage_bits)`` into ``DequantizeLinear`` on the
   integer initializer; with ``storage_bits=4`` the codes and zero point go through
   ``Cast(to=INT4|UINT4)``, which :func:`fold_int4_casts` folds into 4-bit initializers after export.
@@ -20,7 +21,7 @@ import onnx_ir as ir
 import torch
 from onnxscript import onnx_opset
 
-from tquant.kernels import qdq  # noqa: F401  (registers the tquant:: export ops)
+from tquant.kernels import bias_codes, qdq  # noqa: F401  (registers the tquant:: export ops)
 
 __all__ = ["fold_int4_casts", "translation_table"]
 
@@ -90,9 +91,14 @@ def translation_table(opset: int = 21) -> dict:
     def dequantize_codes(codes, scale, zero_point, axis: int, storage_bits: int):
         return dequantize_codes_onnx(codes, scale, zero_point, axis, storage_bits, op=op)
 
+    def dequantize_bias(codes, scale, axis: int):
+        # int32 codes, zero point 0 (omitted): the bias form onnxruntime's Conv/Gemm selectors fuse
+        return op.DequantizeLinear(codes, scale, **_axis_kw(axis))
+
     return {
         torch.ops.tquant.quantize_dequantize.default: quantize_dequantize,
         torch.ops.tquant.dequantize_codes.default: dequantize_codes,
+        torch.ops.tquant.dequantize_bias.default: dequantize_bias,
     }
 
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -72,7 +73,7 @@ def test_tiny_run_writes_report_and_files(tiny_run):
     for row in (w8, w3):
         assert {"min_match_share", "max_abs", "max_lsb", "fused", "report"} <= set(row["validation"])
         assert row["ptq_accuracy"] is not None
-    assert len(summary["checks"]) == 5 and all(isinstance(v, bool) for v in summary["checks"].values())
+    assert len(summary["checks"]) == 6 and all(isinstance(v, bool) for v in summary["checks"].values())
     assert summary["seconds"] > 0
 
 
@@ -106,17 +107,24 @@ def test_training_is_deterministic():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_quantization_map_quantizes_every_layer_input_and_keeps_float_logits():
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+def test_quantization_map_quantizes_each_tensor_and_keeps_float_logits(fold):
+    """Folded (the default): the image and every layer's output after its ReLU are quantized once.
+    Not folded: every layer's input is quantized as well."""
     import tquant
 
-    qmap = demo.quantization_map(4)
+    qmap = demo.quantization_map(4, fold_activations=fold)
     assert qmap.default_qconfig.weight_quant.n_bits == 4 and qmap.default_qconfig.weight_quant.per_channel
     assert qmap.default_qconfig.activation_quant.n_bits == 8
-    assert list(qmap.input_activation_qconfig_map) == list(demo.DigitsCNN.LAYERS)
+    expected_inputs = demo.DigitsCNN.LAYERS[:1] if fold else demo.DigitsCNN.LAYERS
+    assert list(qmap.input_activation_qconfig_map) == list(expected_inputs)
     qmodel = tquant.convert_to_quantized(demo.DigitsCNN(), qmap)
     first = qmodel.features[0]
     assert isinstance(first, tquant.QuantizedInputModule) and isinstance(first.module, tquant.QuantConv2d)
-    last = qmodel.classifier[3].module
+    assert isinstance(first.module.activation_function, nn.ReLU) == fold
+    assert isinstance(qmodel.features[1], nn.Identity if fold else nn.ReLU)
+    last = qmodel.classifier[3]
+    last = last if fold else last.module
     assert isinstance(last, tquant.QuantLinear) and last.n_bits == 4 and last.n_bits_act <= 0
 
 

@@ -54,7 +54,7 @@ CONFIGS = {
 CASES = [("mlp", c) for c in CONFIGS] + [
     (m, c) for m in ("cnn", "transformer") for c in ("sym8-tensor", "asym8-channel", "w4-sym-channel")
 ]
-FUSED_EXPECTED = {"mlp": {"QGemm"}, "cnn": {"QLinearConv", "QGemm"}, "transformer": {"MatMulIntegerToFloat"}}
+FUSED_EXPECTED = {"mlp": {"QGemm"}, "cnn": {"QLinearConv", "QGemm"}, "transformer": {"QGemm"}}
 
 
 class Case:
@@ -148,11 +148,14 @@ def test_file_is_small(case, float_sizes):
 def test_weights_are_integer_initializers(case):
     """Every quantized weight is an integer initializer feeding DequantizeLinear; no float copy is left."""
     w_bits = CONFIGS[case.config]["w_bits"]
-    expected = {"UINT4"} if w_bits == 4 else {"UINT8"}
+    # signed_weights=True (default): signed grids (qmin < 0) stay int8/int4, unsigned ones uint8/uint4
+    signed = {q.name: q.constants.qmin < 0 for q in case.result.quantizers if q.kind == "weight"}
     weight_nodes = _weight_dq_nodes(case.onnx)
     assert len(weight_nodes) >= len({q.owner for q in case.result.quantizers if q.kind == "weight"}) - 2
     for node, init in weight_nodes:
-        assert onnx.TensorProto.DataType.Name(init.data_type) in expected, node.input[0]
+        name = node.input[1].rsplit(".scale", 1)[0]
+        expected = ("INT" if signed[name] else "UINT") + str(w_bits)
+        assert onnx.TensorProto.DataType.Name(init.data_type) == expected, node.input[0]
         zp = next(i for i in case.onnx.graph.initializer if i.name == node.input[2])
         assert zp.data_type == init.data_type
     big_float = [
@@ -331,15 +334,17 @@ def test_export_result_and_quantizers(w4):
 
 # -- storage options ---------------------------------------------------------------------------
 def test_opset_18_and_4bit_fallback(tmp_path):
-    """Below opset 21 there is no int4: 4-bit weights are stored in uint8 (weight_storage='auto')."""
+    """Below opset 21 there is no int4: 4-bit weights are stored in int8 (weight_storage='auto'), or
+    shifted into uint8 with ``signed_weights=False``."""
     qmodel, sample = _tiny(w_bits=4, per_channel=True)
-    path = tmp_path / "m18.onnx"
-    export_onnx(qmodel, sample(4), path, opset=18)
-    model = onnx.load(str(path))
-    assert next(o.version for o in model.opset_import if o.domain == "") == 18
-    assert {onnx.TensorProto.DataType.Name(i.data_type) for _, i in _weight_dq_nodes(model)} == {"UINT8"}
-    report = validate_onnx(qmodel, sample(4), path, levels=("disabled",))
-    assert report.ok()
+    for signed_weights, storage in ((True, "INT8"), (False, "UINT8")):
+        path = tmp_path / f"m18-{storage}.onnx"
+        export_onnx(qmodel, sample(4), path, opset=18, signed_weights=signed_weights)
+        model = onnx.load(str(path))
+        assert next(o.version for o in model.opset_import if o.domain == "") == 18
+        assert {onnx.TensorProto.DataType.Name(i.data_type) for _, i in _weight_dq_nodes(model)} == {storage}
+        report = validate_onnx(qmodel, sample(4), path, levels=("disabled",))
+        assert report.ok()
 
 
 def test_signed_storage_keeps_trained_zero_points(tmp_path):
@@ -387,12 +392,12 @@ def test_inspect_cli(w4, tmp_path, capsys):
     assert _cli("inspect", str(path)) == 0
     out = capsys.readouterr().out
     assert "Q/DQ pairs: 4 activation quantizers, 3 integer weights" in out
-    assert "uint4" in out and "fc1.module.weight_quantizer" in out and "quantized weights" in out
+    assert "int4" in out and "fc1.module.weight_quantizer" in out and "quantized weights" in out
     assert _cli("inspect", str(path), "--json") == 0
     data = json.loads(capsys.readouterr().out)
     weights = [e for e in data["entries"] if e["kind"] == "weight"]
-    assert all(e["axis"] == 0 and e["bits"] == 4 and e["storage"] == "UINT4" for e in weights)
-    assert data["quantized_weight_bytes"]["UINT4"] == sum(e["nbytes"] for e in weights)
+    assert all(e["axis"] == 0 and e["bits"] == 4 and e["storage"] == "INT4" for e in weights)
+    assert data["quantized_weight_bytes"]["INT4"] == sum(e["nbytes"] for e in weights)
     assert _cli("inspect", str(tmp_path / "nope.onnx")) == 2
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with warnings.catch_warnings():

@@ -199,6 +199,8 @@ class QuantizationHijacker(QuantizedModule):
                 f"{type(self).__name__}.activation: {type(activation).__name__} is not a supported activation"
             )
         self.activation_function = copy.deepcopy(activation) if activation is not None else None
+        self.unfolded_activation: str | None = None  # set by tquant.folding: why a following one was not folded
+        self.float_bias_note: str | None = None  # set by tquant.bias: why the bias is not quantized to int32
         self.activation_quantizer = QuantizationManager(
             qmethod=self.act_method,
             init=self.act_range_method,
@@ -228,10 +230,55 @@ class QuantizationHijacker(QuantizedModule):
     def get_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.weight, getattr(self, "bias", None)
 
+    def bias_input_quantizer(self) -> QuantizationManager | None:
+        """The quantizer of this layer's input when its bias is quantized to int32 (see :mod:`tquant.bias`).
+
+        Held outside the module tree (not a submodule, not in the state dict): it belongs to
+        another layer or to the wrapping :class:`~tquant.QuantizedInputModule`. A method, not a
+        property: torch.export reads every attribute of a module and would take it for a submodule.
+        """
+        link = self.__dict__.get("_bias_input_quantizer")
+        return link[0] if link else None
+
+    def set_bias_input_quantizer(self, manager: QuantizationManager | None) -> None:
+        """Link (or with None unlink) the input quantizer whose scale the int32 bias uses."""
+        if manager is not None and not isinstance(manager, QuantizationManager):
+            raise TypeError(
+                f"{type(self).__name__}.set_bias_input_quantizer: expected a QuantizationManager, "
+                f"got {type(manager).__name__}"
+            )
+        self.clear_cache()
+        # in a tuple: deepcopy maps it with the model; forward reads only the plain flag
+        self.__dict__["_bias_input_quantizer"] = (manager,) if manager is not None else None
+        self._int32_bias = manager is not None
+
+    def quantize_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``bias`` onto the int32 grid of scale ``s_x * s_w`` (zero point 0), when linked.
+
+        ``s_x``: :meth:`bias_input_quantizer`'s (per-tensor) scale, ``s_w``: the weight quantizer's
+        (per tensor or per output channel). Straight-through gradient. The bias is returned as is
+        when no input quantizer is linked or a range is not set yet. onnxruntime's integer
+        Conv/Gemm kernels add exactly this bias to their int32 accumulators.
+        """
+        source = self.bias_input_quantizer()
+        wq = self.weight_quantizer.quantizer
+        if source is None or not source.quantizer.is_initialized or not wq.is_initialized:
+            return bias
+        s_x = source.quantizer.scale.detach().float()
+        if s_x.numel() != 1:
+            return bias
+        scale = s_x.reshape(()) * wq.scale.detach().float()
+        codes = torch.clamp(torch.round(bias.float() / scale), -(2.0**31), 2.0**31 - 1)
+        return bias + ((codes * scale).to(bias.dtype) - bias).detach()
+
     def _weight_cache_key(self, weight: torch.Tensor) -> tuple:
         q = self.weight_quantizer.quantizer
-        return (weight.data_ptr(), weight._version, self.weight_quantizer.state, q._delta.data_ptr(),
-                q._delta._version, q._zero_float._version, q._signed._version)
+        key = (weight.data_ptr(), weight._version, self.weight_quantizer.state, q._delta.data_ptr(),
+               q._delta._version, q._zero_float._version, q._signed._version)
+        if self.__dict__.get("_int32_bias", False):
+            source = self.bias_input_quantizer().quantizer
+            key += (source._delta.data_ptr(), source._delta._version)
+        return key
 
     def get_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight, bias)`` to run the layer with: the weight fake-quantized when ``_quant_w``."""
@@ -242,6 +289,8 @@ class QuantizationHijacker(QuantizedModule):
         if use_cache and self.cached_params is not None and self._cache_key == self._weight_cache_key(weight):
             return self.cached_params
         weight = self.weight_quantizer(weight)
+        if bias is not None and self.__dict__.get("_int32_bias", False):
+            bias = self.quantize_bias(bias)
         if use_cache:
             self.cached_params = (weight.detach(), bias.detach() if bias is not None else None)
             self._cache_key = self._weight_cache_key(self.weight)

@@ -313,6 +313,19 @@ class QuantizationMap:
     ``input_activation_qconfig_map`` wraps the named (converted or kept) modules in a
     :class:`~tquant.QuantizedInputModule`. ``default_qconfig`` is only used by
     :func:`~tquant.append_default_conversions`.
+
+    ``fold_activations`` (default False, aihwkit's behaviour): fold a ReLU/ReLU6/Hardtanh that
+    directly follows a converted layer in an ``nn.Sequential`` into that layer, so its output
+    quantizer sits after the activation and each tensor is quantized once (see
+    :mod:`tquant.folding` for the patterns folded and the activations left alone).
+    ``fold_batch_norm`` (default False): fold a BatchNorm2d that directly follows a converted
+    Conv2d in an ``nn.Sequential`` into it (:class:`~tquant.folding.QuantConvBn2d`: the quantized
+    weight is the BN-folded weight); ``batch_norm_pairs`` names more pairs (``{"layer1.conv1":
+    "layer1.bn1"}``) for convs used from a custom ``forward``; ``bn_freeze_step``: training
+    forwards after which the running statistics stop updating (None: never).
+    ``quantize_bias`` (default False): Linear/Conv biases fake-quantized to int32 at input scale x
+    weight scale, as onnxruntime's integer kernels add them (:mod:`tquant.bias` has the rule that
+    finds each layer's input quantizer).
     """
 
     default_qconfig: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -320,9 +333,30 @@ class QuantizationMap:
     instance_qconfig_map: dict = field(default_factory=dict)
     input_activation_qconfig_map: dict = field(default_factory=dict)
     excluded_modules: list = field(default_factory=list)
+    fold_activations: bool = False
+    fold_batch_norm: bool = False
+    batch_norm_pairs: dict = field(default_factory=dict)
+    bn_freeze_step: int | None = None
+    quantize_bias: bool = False
 
     def validate(self) -> None:
         """Check keys and values of every map (called by the converter before it starts)."""
+        for flag in ("fold_activations", "fold_batch_norm", "quantize_bias"):
+            if not isinstance(getattr(self, flag), bool):
+                raise QuantizationConfigError(
+                    f"QuantizationMap.{flag} must be True or False, got {getattr(self, flag)!r}"
+                )
+        for key, value in self.batch_norm_pairs.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise QuantizationConfigError(
+                    f"QuantizationMap.batch_norm_pairs: {key!r}: {value!r} must map a conv's state-dict name "
+                    "to its batch norm's (str: str)"
+                )
+        step = self.bn_freeze_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise QuantizationConfigError(
+                f"QuantizationMap.bn_freeze_step must be None or an int >= 0, got {step!r}"
+            )
         _check_type(self.default_qconfig, QuantizationConfig, "QuantizationMap.default_qconfig")
         for key, value in self.module_qconfig_map.items():
             if not (isinstance(key, type) and issubclass(key, nn.Module)):

@@ -20,8 +20,10 @@ from typing import Any
 from torch import nn
 
 from .base_modules import QuantizedModule
+from .bias import link_bias_input_quantizers
 from .config import QuantizationConfig, QuantizationMap, QuantizedModuleConfig, convert_configs_to_kwargs_dict
 from .errors import QuantizationConfigError
+from .folding import fold_batch_norm, fold_sequential_activations, sequential_conv_bn_pairs
 from .layers import (
     QuantConv1d,
     QuantConv2d,
@@ -262,6 +264,10 @@ def _quantize(model: nn.Module, quantization_map: QuantizationMap, model_name: s
             new_child = QuantizedInputModule(new_child, quantization_map.input_activation_qconfig_map[full_name])
             summary.input_quantizers[full_name] = type(child).__name__
         setattr(model, name, new_child)
+    if quantization_map.fold_batch_norm and isinstance(model, nn.Sequential):
+        fold_batch_norm(model, sequential_conv_bn_pairs(model), quantization_map.bn_freeze_step)
+    if quantization_map.fold_activations and isinstance(model, nn.Sequential):
+        fold_sequential_activations(model, set(quantization_map.excluded_modules), model_name)
     return model
 
 
@@ -370,6 +376,11 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, st
     quant_model = _quantize(copy.deepcopy(model), quantization_map, "", summary, done)
     if quant_model is None:
         quant_model = copy.deepcopy(model)
+    if quantization_map.batch_norm_pairs:
+        try:
+            fold_batch_norm(quant_model, quantization_map.batch_norm_pairs, quantization_map.bn_freeze_step)
+        except ValueError as e:
+            raise QuantizationConfigError(f"QuantizationMap.batch_norm_pairs: {e}") from e
     if isinstance(quant_model, nn.Module) and "" in quantization_map.input_activation_qconfig_map:
         quant_model = QuantizedInputModule(quant_model, quantization_map.input_activation_qconfig_map[""])
         summary.input_quantizers[""] = type(model).__name__
@@ -377,6 +388,8 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, st
     _report(summary, "convert_to_quantized", strict)
     disable_fused_transformer_fast_path(quant_model)
     enable_quant_states(quant_model)
+    if quantization_map.quantize_bias:
+        link_bias_input_quantizers(quant_model)
     name_quantizers(quant_model)
     return quant_model
 

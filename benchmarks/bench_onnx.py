@@ -1,0 +1,331 @@
+"""onnxruntime latency of tquant's int8 ONNX export against float and onnxruntime's own quantizer.
+
+Subjects (CPU, onnxruntime CPU provider, 1 intra-op thread, batch 32):
+
+- ``digits``: the demo's CNN (:class:`tquant.demo.DigitsCNN`) on scikit-learn's bundled digits,
+  trained in float, then
+  - ``float``: the float model exported with :func:`tquant.export.export_onnx`;
+  - ``quantize_static``: onnxruntime's post-training quantizer on that float file (QDQ,
+    per-channel, uint8 activations, int8 weights, a calibration reader over 8 training batches);
+  - ``tquant W8A8``: QAT with the demo's map (folded ReLUs, one quantization per tensor) and the
+    default export (int8 weights, uint8 activations, Linear as Gemm);
+  - ``tquant W8A8 calibrated``: the same map, calibrated only (no QAT: post-training quantization);
+  - ``tquant W8A8 unfolded``: the same QAT recipe with aihwkit's default conversion (no folding,
+    every layer input quantized) exported with uint8-shifted weights (the export before issue 11).
+- ``encoder``: ``nn.TransformerEncoder`` (d 256, 4 heads, FFN 1024, 4 layers, sequence 32) on
+  random inputs: float, ``quantize_static``, and tquant W8A8 (each layer converted to a
+  :class:`~tquant.attention.QuantTransformerEncoderLayer`: quantized projections, attention
+  matmuls, softmax, residual adds and norms, int32 biases; calibrated post-training on 4 random
+  batches, no QAT); error = relative L2 distance to the float output.
+
+All sessions of a subject are timed interleaved in one process (``common.bench_interleaved``,
+order rotated every round); reported are medians and the ratios to float and to
+``quantize_static``, the accuracy, the file size, and what onnxruntime's optimiser leaves
+(:func:`tquant.export.ort_graph.optimized_graph`: Q/DQ nodes, fused integer nodes, float compute).
+Results go to ``results/<device>/onnx.{csv,json,md}``, with the load average of the run.
+
+Run: ``python -m tquant.benchmarks.bench_onnx [--quick]`` or ``tquant bench onnx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import common
+
+SUBJECTS = ("digits", "encoder")
+BATCH = 32
+CSV_FIELDS = [
+    "run_id", "device", "onnxruntime", "subject", "variant", "median_ms", "p20_ms", "p80_ms", "n",
+    "vs_float", "vs_quantize_static", "accuracy", "rel_l2", "file_kib", "q_left", "dq_left",
+    "integer_nodes", "float_nodes", "loadavg_1m",
+]
+TARGETS = {"vs_float": 0.9, "vs_quantize_static": 1.05}
+"""Issue 11's acceptance for the digits W8A8 model: <= 0.9x float, <= 1.05x quantize_static."""
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, default=list(SUBJECTS))
+    parser.add_argument("--epochs", type=int, default=None, help="float training epochs (digits; default 15)")
+    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits; default 4, as the demo)")
+    return parser
+
+
+# -- onnxruntime ---------------------------------------------------------------------------------
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def quantize_static_peer(float_path: Path, out_path: Path, batches: list[np.ndarray]) -> None:
+    """onnxruntime's quantizer as a new user runs it: QDQ, per-channel, uint8 activations, int8 weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    name = session(float_path).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{name: b} for b in batches])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )
+
+
+def _graph_fields(path: Path) -> dict:
+    from tquant.export.ort_graph import optimized_graph
+
+    g = optimized_graph(path)
+    floats: dict[str, int] = {}
+    for op, _ in g.float_nodes:
+        floats[op] = floats.get(op, 0) + 1
+    return {
+        "file_kib": path.stat().st_size / 1024,
+        "q_left": g.quantize,
+        "dq_left": g.dequantize,
+        "integer_nodes": " ".join(f"{k}:{v}" for k, v in g.integer_nodes.items()) or "-",
+        "float_nodes": " ".join(f"{k}:{v}" for k, v in sorted(floats.items())) or "-",
+    }
+
+
+def time_sessions(paths: dict[str, Path], x: np.ndarray, reps: int, warmup: int) -> dict[str, dict]:
+    """Interleaved medians of ``session.run`` on ``x`` for every file."""
+    sessions = {name: session(p) for name, p in paths.items()}
+    fns = {name: (lambda s=s: run_session(s, x)) for name, s in sessions.items()}
+    samples = common.bench_interleaved(fns, reps=reps, warmup=warmup)
+    return {name: common.summarize(v) for name, v in samples.items()}
+
+
+# -- subjects ------------------------------------------------------------------------------------
+def _qat(float_model: nn.Module, qmap, data, epochs: int, seed: int) -> nn.Module:
+    import tquant
+    from tquant import demo
+
+    cpu = torch.device("cpu")
+    qmodel = tquant.convert_to_quantized(float_model, qmap)
+    demo.calibrate(qmodel, data, cpu)
+    tquant.estimate_ranges_train(qmodel)
+    demo.train(qmodel, data, epochs, demo.QAT_LR, seed, cpu, "QAT", False)
+    tquant.fix_ranges(qmodel)
+    return qmodel.eval()
+
+
+def digits_files(directory: Path, epochs: int, qat_epochs: int, seed: int = 0):
+    """Train, quantize and export the digits variants; returns ``(paths, x_test, y_test)``."""
+    from tquant import demo
+    from tquant.export import export_onnx
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(seed)
+    data = demo.load_digits_split(seed)
+    float_model = demo.DigitsCNN()
+    demo.train(float_model, data, epochs, demo.FLOAT_LR, seed, cpu, "float", False)
+    float_model.eval()
+    example = data.x_test[:BATCH]
+    paths = {name: directory / f"digits-{i}.onnx" for i, name in enumerate(
+        ("float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded"))}
+    export_onnx(float_model, example, paths["float"])
+    calib = [data.x_train[i:i + BATCH].numpy() for i in range(0, 8 * BATCH, BATCH)]
+    quantize_static_peer(paths["float"], paths["quantize_static"], calib)
+    folded = _qat(float_model, demo.quantization_map(8), data, qat_epochs, seed + 8)
+    export_onnx(folded, example, paths["tquant W8A8"])
+    calibrated = _qat(float_model, demo.quantization_map(8), data, 0, seed + 8)
+    export_onnx(calibrated, example, paths["tquant W8A8 calibrated"])
+    unfolded = _qat(float_model, demo.quantization_map(8, fold_activations=False), data, qat_epochs, seed + 8)
+    export_onnx(unfolded, example, paths["tquant W8A8 unfolded"], signed_weights=False)
+    return paths, data.x_test.numpy(), data.y_test.numpy()
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder``: d 256, 4 heads, FFN 1024, 4 layers, batch first, no dropout."""
+
+    def __init__(self, d: int = 256, layers: int = 4):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def encoder_files(directory: Path, quick: bool, seq: int = 32):
+    """Export the encoder variants; returns ``(paths, x, float reference output)``."""
+    import tquant
+    from tquant.attention import QuantTransformerEncoderLayer
+    from tquant.export import export_onnx
+
+    # the fused eval fast path reads the weights directly and bypasses tquant's layers
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch.manual_seed(0)
+    model = Encoder(layers=1 if quick else 4).eval()
+    sample = lambda b: torch.randn(b, seq, 256)  # noqa: E731
+    x = sample(BATCH)
+    paths = {name: directory / f"encoder-{i}.onnx" for i, name in enumerate(
+        ("float", "quantize_static", "tquant W8A8"))}
+    export_onnx(model, x, paths["float"])
+    quantize_static_peer(paths["float"], paths["quantize_static"], [sample(BATCH).numpy() for _ in range(4)])
+    qmap = tquant.QuantizationMap()
+    qmap.default_qconfig.weight_quant = tquant.WeightQuantConfig(8, symmetric=True, per_channel=True)
+    qmap.default_qconfig.activation_quant = tquant.ActivationQuantConfig(8)
+    qmap.input_activation_qconfig_map[""] = tquant.ActivationQuantConfig(8)
+    qmap.module_qconfig_map[nn.TransformerEncoderLayer] = tquant.QuantizedModuleConfig(
+        QuantTransformerEncoderLayer, copy.deepcopy(qmap.default_qconfig)
+    )
+    qmap.quantize_bias = True
+    tquant.append_default_conversions(qmap)
+    qmodel = tquant.convert_to_quantized(model, qmap)
+    tquant.estimate_ranges(qmodel)
+    qmodel.eval()
+    with torch.no_grad():
+        for _ in range(4):
+            qmodel(sample(BATCH))
+    tquant.fix_ranges(qmodel)
+    export_onnx(qmodel, x, paths["tquant W8A8"])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    return paths, x.numpy(), reference
+
+
+def run_subject(subject: str, directory: Path, args) -> list[dict]:
+    quick = args.quick
+    reps = args.reps or (10 if quick else 300)
+    warmup = args.warmup or (2 if quick else 10)
+    if subject == "digits":
+        epochs = args.epochs if args.epochs is not None else (1 if quick else 15)
+        qat_epochs = args.qat_epochs if args.qat_epochs is not None else (1 if quick else 4)
+        paths, x_test, y_test = digits_files(directory, epochs, qat_epochs)
+        x = np.ascontiguousarray(x_test[:BATCH])
+    else:
+        paths, x, reference = encoder_files(directory, quick)
+    rows = []
+    for name, path in paths.items():
+        row = {"subject": subject, "variant": name, **_graph_fields(path)}
+        sess = session(path)
+        if subject == "digits":
+            row["accuracy"] = 100.0 * float((run_session(sess, x_test).argmax(1) == y_test).mean())
+        else:
+            out = run_session(sess, x)
+            row["rel_l2"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        rows.append(row)
+    load_before = os.getloadavg()[0]
+    stats = time_sessions(paths, x, reps, warmup)
+    for row in rows:
+        s = stats[row["variant"]]
+        row.update(median_ms=s["median"], p20_ms=s["p20"], p80_ms=s["p80"], n=s["n"])
+        row["vs_float"] = s["median"] / stats["float"]["median"]
+        row["vs_quantize_static"] = s["median"] / stats["quantize_static"]["median"]
+        row["loadavg_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+COLUMNS = [
+    ("subject", "model", ""), ("variant", "variant", ""), ("median_ms", "median ms", ".3f"),
+    ("vs_float", "x float", ".2f"), ("vs_quantize_static", "x quantize_static", ".2f"),
+    ("accuracy", "accuracy %", ".2f"), ("rel_l2", "rel. L2 vs float", ".4f"), ("file_kib", "KiB", ".0f"),
+    ("q_left", "Q left", ""), ("dq_left", "DQ left", ""), ("integer_nodes", "integer nodes", ""),
+    ("float_nodes", "float compute nodes", ""), ("loadavg_1m", "load", ".2f"),
+]
+
+
+def checks(rows: list[dict]) -> list[str]:
+    """The acceptance lines of issue 11 that this run measured, each with PASS/FAIL."""
+    lines = []
+    by = {(r["subject"], r["variant"]): r for r in rows}
+    w8, peer = by.get(("digits", "tquant W8A8")), by.get(("digits", "quantize_static"))
+    if w8 and peer:
+        for key, target in TARGETS.items():
+            ok = w8[key] <= target
+            lines.append(f"digits tquant W8A8 {key} = {w8[key]:.2f} (target <= {target}): {'PASS' if ok else 'FAIL'}")
+        for name in ("tquant W8A8", "tquant W8A8 calibrated"):
+            row = by.get(("digits", name))
+            if row is None:
+                continue
+            ok = row["accuracy"] >= peer["accuracy"]
+            lines.append(f"digits {name} accuracy {row['accuracy']:.2f}% vs quantize_static "
+                         f"{peer['accuracy']:.2f}%: {'PASS' if ok else 'FAIL'}")
+    enc, epeer = by.get(("encoder", "tquant W8A8")), by.get(("encoder", "quantize_static"))
+    if enc and epeer:
+        ok = enc["vs_quantize_static"] <= 1.0
+        lines.append(f"encoder tquant x quantize_static = {enc['vs_quantize_static']:.2f} (target <= 1.0): "
+                     f"{'PASS' if ok else 'FAIL'}")
+        ok = enc["rel_l2"] < epeer["rel_l2"]
+        lines.append(f"encoder rel. L2 {enc['rel_l2']:.4f} vs quantize_static {epeer['rel_l2']:.4f}: "
+                     f"{'PASS' if ok else 'FAIL'}")
+    return lines
+
+
+def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
+    text = [
+        "# ONNX latency: tquant int8 vs float vs onnxruntime.quantization.quantize_static",
+        "",
+        f"onnxruntime {env.get('onnxruntime')}, CPU provider, 1 intra-op thread, batch {BATCH}; "
+        "interleaved medians in one process (see benchmarks/bench_onnx.py).",
+        "",
+        common.environment_markdown(env),
+        "",
+        common.markdown_table(rows, COLUMNS),
+        "",
+        "## Issue 11 acceptance",
+        "",
+        *[f"- {line}" for line in checks(rows)],
+        "",
+    ]
+    path.write_text("\n".join(text), encoding="utf-8")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run, write ``onnx.{csv,json,md}`` into the results folder, print the table and where."""
+    import onnxruntime
+
+    torch.set_num_threads(args.threads or 1)
+    device = torch.device("cpu")
+    out = common.resolve_out_dir(args, device)
+    out.mkdir(parents=True, exist_ok=True)
+    env = common.environment(device)
+    env["onnxruntime"] = onnxruntime.__version__
+    print(f"bench_onnx on {env['device']} (load {env['loadavg_1m']}), onnxruntime {env['onnxruntime']}, 1 thread")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="tquant-bench-onnx-") as tmp:
+        for subject in args.subjects:
+            rows += run_subject(subject, Path(tmp), args)
+    run_id = common.new_run_id(env)
+    for r in rows:
+        r.update(run_id=run_id, device=env["device"], onnxruntime=env["onnxruntime"])
+    common.append_csv(out / "onnx.csv", rows, CSV_FIELDS)
+    common.write_json(out / "onnx.json", env, rows, notes=checks(rows))
+    write_markdown(out / "onnx.md", env, rows)
+    print(common.markdown_table(rows, COLUMNS))
+    for line in checks(rows):
+        print(line)
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
