@@ -8,10 +8,11 @@ One call does what aihwkit spreads over a range estimator and ``set_quant_range`
 3. the quantizer parameters from the running range (clamp to ``x_min <= 0 < x_max``,
    symmetric sign, ``delta``, ``zero_float``), written in place.
 
-No host synchronisation on the Triton path and on CUDA; ``first`` is a Python fact the
-caller knows (its range buffers are new). Non-finite values never reach the scale: they are
-left out of the batch range, and a batch without a finite value leaves the running range as
-it was (or gives the safe range ``[0, EPS]`` on a first batch).
+No host synchronisation on the Triton path and on CUDA. A NaN in the running range means "no
+range yet" (that channel takes the batch range), so callers need not know whether a batch is the
+first; ``first=True`` forces it (every channel takes the batch range). Non-finite values never
+reach the scale: they are left out of the batch range, and a batch without a finite value leaves
+the running range as it was (or gives the safe range ``[0, EPS]`` on a first batch).
 
 ``batch_minmax`` and ``finalize_range`` are the two halves, for callers that must combine
 the batch range across processes (``tquant.convert_sync_ranges``) before the update.
@@ -144,12 +145,13 @@ def update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tens
 
     Args:
         x: the tensor to be quantized (any shape, dtype, strides); not modified.
-        range_min, range_max: fp32 running range, 0-dim or ``[C]``; read unless ``first``.
+        range_min, range_max: fp32 running range, 0-dim or ``[C]``; read unless ``first``
+            (NaN: no range yet).
         delta, zero_float: fp32 quantizer parameters of the same shape, overwritten.
         signed: bool 0-dim, overwritten (symmetric sign; False for asymmetric quantizers).
         estimator: ``ESTIMATOR_CURRENT``, ``ESTIMATOR_ALL`` or ``ESTIMATOR_RUNNING``.
         momentum: EMA momentum ``m`` of the running estimator.
-        first: the range buffers hold no range yet (this batch sets them).
+        first: ignore the running range (this batch sets it), as if it were all NaN.
 
     Traced code (torch.compile / export) calls the registered op ``tquant::update_range``;
     eager code calls its implementation directly (no custom-op dispatch overhead).

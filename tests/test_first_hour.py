@@ -198,7 +198,7 @@ def test_summary_png_legend_hides_no_bar(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from tquant import demo
+    from tquant.demo import report
 
     figures = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
@@ -207,7 +207,7 @@ def test_summary_png_legend_hides_no_bar(tmp_path, monkeypatch):
         for n, a, kib, r, ms in [("float", 98.4, 246, 1.0, 1.3), ("W8A8 QAT", 98.4, 74, 0.3, 1.7),
                                  ("W4A8 QAT", 98.2, 43, 0.17, 7.8)]
     ]
-    demo._plot(SimpleNamespace(variants=variants, config={"seed": 0}), tmp_path / "summary.png")
+    report._plot(SimpleNamespace(variants=variants, config={"seed": 0}), tmp_path / "summary.png")
     (fig,) = figures
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
