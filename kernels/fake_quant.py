@@ -35,23 +35,24 @@ def _qparams_fast(delta, zero_float, signed, n_bits, symmetric):
 
 
 def _quantize_in_place(x, scale, zp, qmin, qmax, with_mask):
-    """The reference's passes on one new fp32 buffer: ``(y, mask)``.
+    """The reference's ``(y, mask)`` in four passes over one new fp32 buffer (two more with the mask).
 
+    ``clamp(round(x / s) + zp, qmin, qmax) - zp`` is computed as ``clamp(round(x / s), qmin - zp,
+    qmax - zp)``: the same integers, because the codes and ``zp`` are exact in fp32. ``+ 0.0``
+    turns round's -0.0 into the +0.0 the reference gets from adding and subtracting ``zp``.
     ``scale``/``zp``/``qmin``/``qmax`` are Python floats (CPU, per tensor: torch's scalar fast
     path) or tensors broadcasting against ``x``; ``zp`` is None for a symmetric quantizer.
     """
-    v = torch.div(x.float(), scale)
-    v.round_()
-    v.add_(0.0 if zp is None else zp)  # zp = 0 too: round's -0.0 becomes +0.0, as in the reference
-    mask = x.new_empty(0, dtype=torch.bool)
+    r = torch.div(x.float(), scale)
+    r.round_()
+    lo, hi = (qmin, qmax) if zp is None else (qmin - zp, qmax - zp)
     if with_mask:
-        mask = torch.ge(v, qmin)
-        mask.logical_and_(torch.le(v, qmax))
-    v.clamp_(qmin, qmax)
-    if zp is not None:
-        v.sub_(zp)
-    v.mul_(scale)
-    return (v if v.dtype == x.dtype else v.to(x.dtype)), mask
+        c = torch.clamp(r, lo, hi)
+        mask = torch.eq(c, r)  # in range; NaN: False, like the reference's comparisons
+    else:
+        c, mask = r.clamp_(lo, hi), x.new_empty(0, dtype=torch.bool)
+    c.mul_(scale).add_(0.0)
+    return (c if c.dtype == x.dtype else c.to(x.dtype)), mask
 
 
 def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):

@@ -14,8 +14,8 @@ and at most two launches:
 
 Autograd: the gradient of ``x`` is ``grad * mask`` with the in-range mask saved by the forward
 (``x`` itself is saved only for learned ranges). On the GPU that is a small ``autograd.Function``
-saving a 1-byte mask, whose backward is one launch. On the CPU, where a Python backward costs
-more than the whole op on small tensors, the output is made by ``x * mask`` — a native autograd
+saving a 1-byte mask, whose backward is one launch. On small CPU tensors, where a Python
+backward costs more than the whole op, the output is made by ``x * mask`` — a native autograd
 node that saves only the mask (in ``x``'s dtype) — and the fake-quantized values are written
 into it in place. Values are the reference's (``reference.py``) bit for bit on every lane.
 
@@ -103,8 +103,12 @@ class QuantizerCall:
         return self.masked(x, delta, zero_float, signed)
 
     def masked(self, x, delta, zero_float, signed) -> torch.Tensor:
-        """``y`` whose gradient is ``grad * mask`` (``x`` requires grad)."""
-        if x.device.type == "cpu":
+        """``y`` whose gradient is ``grad * mask`` (``x`` requires grad).
+
+        Small CPU tensors: a native ``x * mask`` node (cheaper than a Python backward, which costs
+        more than the op there); elsewhere the ``autograd.Function`` saving the 1-byte mask (no
+        extra passes over a large tensor)."""
+        if x.device.type == "cpu" and x.numel() <= HOST_MAX_NUMEL:
             y, mask = self.forward(x.detach(), delta, zero_float, signed, True)
             out = torch.mul(x, mask.to(x.dtype))  # a native node that saves only the mask
             out.detach().copy_(y)
