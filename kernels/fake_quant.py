@@ -15,6 +15,7 @@ run under ``torch.compile(fullgraph=True)`` and the ONNX exporter can find the o
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import backend
@@ -55,8 +56,46 @@ def _quantize_in_place(x, scale, zp, qmin, qmax, with_mask):
     return (c if c.dtype == x.dtype else c.to(x.dtype)), mask
 
 
+HOST_MAX_NUMEL = 1 << 16
+"""Largest tensor the host lane takes: numpy runs on one core, torch's ops on all of them."""
+
+
+def host_lane_fits(x: torch.Tensor, axis: int) -> bool:
+    """Small contiguous fp32/fp16 CPU tensors per tensor: their elementwise passes run in numpy."""
+    return (axis < 0 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16)
+            and x.is_contiguous() and x.numel() <= HOST_MAX_NUMEL)
+
+
+def host_codes(xn: np.ndarray, consts) -> tuple[np.ndarray, np.ndarray]:
+    """``(r, c)``: ``round(x / scale) + zp`` and its clamp to the grid, as float32 numpy arrays.
+
+    ``consts`` is ``host_math.fake_quant_consts``' ``(scale, zp, qmin, qmax)``; numpy's float32
+    division is correctly rounded like torch's and ``rint`` rounds half to even.
+    """
+    scale, zp, qmin, qmax = consts
+    r = np.divide(xn, scale) if xn.dtype == np.float32 else np.divide(xn, scale, dtype=np.float32)
+    np.rint(r, out=r)
+    np.add(r, zp, out=r)  # + 0.0 too: round's -0.0 becomes +0.0, as in the reference
+    c = np.maximum(r, qmin)
+    np.minimum(c, qmax, out=c)
+    return r, c
+
+
+def host_values(c: np.ndarray, consts, y: torch.Tensor) -> torch.Tensor:
+    """Write ``scale * (c - zp)`` into the CPU tensor ``y`` (cast to its dtype) and return it."""
+    if consts[1]:
+        np.subtract(c, consts[1], out=c)
+    np.multiply(c, consts[0], out=y.detach().numpy(), casting="same_kind")
+    return y
+
+
 def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
     """Torch fast path: bit-identical to the reference."""
+    if host_lane_fits(x, axis):
+        consts = fake_quant_consts(delta.item(), zero_float.item(), signed.item(), n_bits, symmetric)
+        r, c = host_codes(x.detach().numpy(), consts)
+        mask = torch.from_numpy(np.equal(c, r)) if with_mask else x.new_empty(0, dtype=torch.bool)
+        return host_values(c, consts, torch.empty_like(x)), mask
     if x.device.type == "cpu" and axis < 0:
         scale, zp, qmin, qmax = fake_quant_consts(delta.item(), zero_float.item(), signed.item(), n_bits, symmetric)
         return _quantize_in_place(x, float(scale), None if symmetric else zp, qmin, qmax, with_mask)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import backend
-from .fake_quant import _fake_quant_torch, _range_grads_torch
+from .fake_quant import HOST_MAX_NUMEL, _fake_quant_torch, _range_grads_torch, host_codes, host_lane_fits, host_values
 from .host_math import F32, fake_quant_consts, qparams_f32, update_range_f32
 from .range_update import _batch_minmax_torch, _finalize_torch, _update_range_scalar
 from .reference import (
@@ -47,9 +47,6 @@ from .reference import (
 )
 
 __all__ = ["QuantizerCall", "quantizer_call"]
-
-HOST_MAX_NUMEL = 1 << 16
-"""Largest tensor the host lane takes: numpy runs on one core, torch's ops on all of them."""
 
 
 class QuantizerCall:
@@ -190,33 +187,16 @@ class _HostCall(QuantizerCall):
         rmin_v[()], rmax_v[()], d_v[()], z_v[()], s_v[()] = lo, hi, delta, zero_float, signed
         return fake_quant_consts(delta, zero_float, signed, self.n_bits, self.symmetric)
 
-    def _codes(self, xn, consts):
-        """``(r, c)``: ``round(x / scale) + zp`` and its clamp to the grid (float32 arrays)."""
-        scale, zp, qmin, qmax = consts
-        r = np.divide(xn, scale) if xn.dtype == np.float32 else np.divide(xn, scale, dtype=np.float32)
-        np.rint(r, out=r)
-        np.add(r, zp, out=r)  # + 0.0 too: round's -0.0 becomes +0.0, as in the reference
-        c = np.maximum(r, qmin)
-        np.minimum(c, qmax, out=c)
-        return r, c
-
     def _values(self, x, consts, with_mask):
-        r, c = self._codes(x.numpy(), consts)
+        r, c = host_codes(x.numpy(), consts)
         mask = torch.from_numpy(np.equal(c, r)) if with_mask else None  # NaN: False, like the reference
-        if consts[1]:
-            np.subtract(c, consts[1], out=c)
-        y = torch.empty_like(x)
-        np.multiply(c, consts[0], out=y.numpy(), casting="same_kind")
-        return y, mask
+        return host_values(c, consts, torch.empty_like(x)), mask
 
     def _masked(self, x, xd, consts):
         xn = xd.numpy()
-        r, c = self._codes(xn, consts)
+        r, c = host_codes(xn, consts)
         out = torch.mul(x, torch.from_numpy(np.equal(c, r).astype(xn.dtype)))  # autograd saves the mask only
-        if consts[1]:
-            np.subtract(c, consts[1], out=c)
-        np.multiply(c, consts[0], out=out.detach().numpy(), casting="same_kind")
-        return out
+        return host_values(c, consts, out)
 
     def _fixed_consts(self, delta, zero_float, signed):
         return fake_quant_consts(delta.item(), zero_float.item(), signed.item(), self.n_bits, self.symmetric)
@@ -324,6 +304,4 @@ def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, est
         return _TritonCall(x, *args)
     if impl == "reference":
         return _ReferenceCall(*args)
-    host = (axis < 0 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16)
-            and x.is_contiguous() and x.numel() <= HOST_MAX_NUMEL)
-    return _HostCall(*args) if host else _TorchCall(*args)
+    return _HostCall(*args) if host_lane_fits(x, axis) else _TorchCall(*args)
