@@ -225,7 +225,7 @@ def check_against_loop(data, n_bits, symmetric, per_channel, loss="mse", num_can
     assert got.dtype == torch.float64 and tuple(got.shape) == ref.shape == space.loss_shape
     ref_t = torch.from_numpy(ref)
     assert torch.isinf(got[:, 0]).all()
-    torch.testing.assert_close(got[:, 1:], ref_t[:, 1:], rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(got[:, 1:], ref_t[:, 1:], rtol=1e-5, atol=1e-9)
     # the pick of the loop's own array, turned back into a range as aihwkit does
     x_min, x_max = best_range(ref_t, space, n_bits)
     ref_min, ref_max = loop_best(ref, sp, n_bits, space.two_d)
