@@ -70,7 +70,7 @@ def _grid_mse_kernel(
         x = tl.load(p_x + row * sx_row + cols, mask=cols < COLS, other=0.0)
         xf = x.to(tl.float32)
         # Non-finite values count as zeros: zero quantizes to zero (lo <= 0 <= hi), no error.
-        xf = tl.where((xf - xf) == 0.0, xf, 0.0)[None, :]
+        xf = tl.where(tl.abs(xf) <= 3.4028234663852886e38, xf, 0.0)[None, :]  # NaN compares false
         v = _round_half_even(tl.math.div_rn(xf, scale))
         v = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
         q = v * scale
