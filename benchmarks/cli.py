@@ -11,6 +11,7 @@ BENCHES = {
         "per-tensor running-min/max fake quantizer vs torch's fused op",
     ),
     "qat": ("tquant.benchmarks.bench_qat", "QAT training step overhead over float: tquant vs torch.ao"),
+    "search": ("tquant.benchmarks.bench_search", "MSE / cross-entropy range searches: tquant vs aihwkit"),
 }
 
 

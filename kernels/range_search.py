@@ -50,6 +50,8 @@ _GPU_BLOCK = 1 << 25
 # Per-tensor percentiles of at most this many values are taken from a full sort.
 _SORT_MAX = 1 << 18
 _SAMPLE = 1 << 16
+# Golden section: scans of rows longer than twice this run on a strided subsample of this many values.
+_SCAN_SAMPLE = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,26 +710,36 @@ def _golden(f, a: torch.Tensor, b: torch.Tensor, iters: int):
     return best_x, best_f, best_a
 
 
-def _scan_golden(f, a: torch.Tensor, b: torch.Tensor, scan: int, iters: int | None, xatol: float, width: float):
+def _scan_golden(f, a: torch.Tensor, b: torch.Tensor, scan: int, iters: int | None, xatol: float, width: float,
+                 f_scan=None):
     """Minimise ``f`` over ``[a, b]`` (fp64, any shape ``S``): a batched scan, then golden section.
 
     The quantization losses are rough (piecewise in the range, with local minima that trap a
     plain golden-section or Brent search); ``scan`` equally spaced points, evaluated in one
     batched call of ``f`` on ``[scan, *S]``, pick the bracket between the neighbours of the best
     one, where golden section refines it. ``width`` is the widest ``b - a`` (a host float) and
-    sets the default step count. Returns ``(x, loss, aux)`` of the best point evaluated.
+    sets the default step count. ``f_scan`` (optional) is a cheaper stand-in of ``f`` for the
+    scan (the loss on a subsample of the data): the bracket then spans two scan points on each
+    side of its best one, and that point is re-evaluated with ``f``. Returns ``(x, loss, aux)``
+    of the best point evaluated with ``f``.
     """
     best_x = best_f = best_a = None
     if scan >= 3:
         t = torch.linspace(0.0, 1.0, scan, dtype=torch.float64, device=a.device).view((-1,) + (1,) * a.dim())
         xs = a + (b - a) * t
-        fs, aux = f(xs)
+        fs, aux = (f_scan or f)(xs)
         idx = fs.argmin(dim=0, keepdim=True)
-        best_x, best_f = xs.gather(0, idx)[0], fs.gather(0, idx)[0]
-        best_a = None if aux is None else aux.gather(0, idx)[0]
-        a = xs.gather(0, (idx - 1).clamp(min=0))[0]
-        b = xs.gather(0, (idx + 1).clamp(max=scan - 1))[0]
-        width = width * 2.0 / (scan - 1)
+        best_x = xs.gather(0, idx)[0]
+        if f_scan is None:
+            reach = 1
+            best_f = fs.gather(0, idx)[0]
+            best_a = None if aux is None else aux.gather(0, idx)[0]
+        else:
+            reach = 2
+            best_f, best_a = f(best_x)
+        a = xs.gather(0, (idx - reach).clamp(min=0))[0]
+        b = xs.gather(0, (idx + reach).clamp(max=scan - 1))[0]
+        width = width * 2.0 * reach / (scan - 1)
     n = iters if iters is not None else _golden_iters(width, xatol)
     x, fx, ax = _golden(f, a, b, n)
     if best_x is None:
@@ -735,6 +747,20 @@ def _scan_golden(f, a: torch.Tensor, b: torch.Tensor, scan: int, iters: int | No
     better = fx < best_f
     out_a = None if ax is None else torch.where(better, ax, best_a)
     return torch.where(better, x, best_x), torch.where(better, fx, best_f), out_a
+
+
+def _subsample(data: torch.Tensor, per_channel: bool) -> torch.Tensor | None:
+    """A strided subsample of at least ``_SCAN_SAMPLE`` values per row (None when ``data`` is small).
+
+    Strided, not random: deterministic, no generator state, and a weight's or activation's rows
+    are not ordered by magnitude, so every stride sees the whole distribution.
+    """
+    rows = data.reshape(data.shape[0], -1) if per_channel else data.reshape(1, -1)
+    stride = rows.shape[1] // _SCAN_SAMPLE
+    if stride < 2:
+        return None
+    sub = rows[:, ::stride]
+    return sub if per_channel else sub.reshape(-1)
 
 
 def golden_section_range(
@@ -776,7 +802,9 @@ def golden_section_range(
         iters: golden-section steps per search (outer and inner), ``>= 1``; None: from ``xatol``.
         xatol: target final bracket width (absolute, as scipy's) when ``iters`` is None.
         scan: points of the initial scan, 0 (none) or ``>= 3``; the inner (shift) search of the
-            asymmetric case scans ``max(3, scan // 4)`` points.
+            asymmetric case scans ``max(3, scan // 4)`` points. MSE rows longer than
+            ``2 * _SCAN_SAMPLE`` values are scanned on a strided subsample (the bracket then
+            spans two scan points each side of the best); golden section always uses all data.
     Returns:
         ``(x_min, x_max)``: fp32 ``[C]`` (``[1]`` per tensor) on ``data``'s device.
     Raises:
@@ -800,37 +828,43 @@ def golden_section_range(
     with torch.no_grad():
         evaluator = _Evaluator(data, loss, space.per_channel, None)
         channels = evaluator.rows
+        # Large MSE inputs: the scans (most of the evaluations) run on a strided subsample.
+        sub = _subsample(data, space.per_channel) if loss == "mse" and scan >= 3 else None
+        sub_evaluator = None if sub is None else _Evaluator(sub, loss, space.per_channel, None)
 
-        def loss_of(neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        def loss_of(neg: torch.Tensor, pos: torch.Tensor, ev=evaluator) -> torch.Tensor:
             # neg, pos: fp64 [..., C] -> loss [..., C]; leading dims are candidates.
             shape = neg.shape
             scale, lo, hi = _quant_bounds(neg.reshape(-1, channels), pos.reshape(-1, channels), n_bits,
                                           space.symmetric)
-            return evaluator(scale, lo, hi).reshape(shape)
+            return ev(scale, lo, hi).reshape(shape)
 
         a = torch.full((channels,), 0.01 * big_r, dtype=torch.float64, device=device)
         b = torch.full((channels,), big_r, dtype=torch.float64, device=device)
         if not space.two_d:
-            def sym_loss(r):
+            def sym_loss(r, ev=evaluator):
                 neg = torch.zeros_like(r) if space.one_sided else -r
-                return loss_of(neg, r), None
+                return loss_of(neg, r, ev), None
 
-            r, _, _ = _scan_golden(sym_loss, a, b, scan, iters, xatol, 0.99 * big_r)
+            sym_scan = None if sub_evaluator is None else (lambda r: sym_loss(r, sub_evaluator))
+            r, _, _ = _scan_golden(sym_loss, a, b, scan, iters, xatol, 0.99 * big_r, sym_scan)
             x_min = torch.zeros_like(r) if space.one_sided else -r
             return x_min.float(), r.float()
 
         # The inner search runs once per outer point: a 4x coarser scan keeps its cost down.
         inner_scan = 0 if scan == 0 else max(3, scan // 4)
 
-        def range_loss(r):
+        def range_loss(r, ev=evaluator, ev_scan=sub_evaluator):
             max_shift = 2.0 * r / levels * space.max_int_skew
 
-            def shift_loss(s):
-                return loss_of(-r + s, r + s), None
+            def shift_loss(s, e=ev):
+                return loss_of(-r + s, r + s, e), None
 
+            shift_scan = None if ev_scan is None else (lambda s: shift_loss(s, ev_scan))
             width = 4.0 * big_r / levels * space.max_int_skew
-            s, fs, _ = _scan_golden(shift_loss, -max_shift, max_shift, inner_scan, iters, xatol, width)
+            s, fs, _ = _scan_golden(shift_loss, -max_shift, max_shift, inner_scan, iters, xatol, width, shift_scan)
             return fs, s
 
-        r, _, s = _scan_golden(range_loss, a, b, scan, iters, xatol, 0.99 * big_r)
+        range_scan = None if sub_evaluator is None else (lambda r: range_loss(r, sub_evaluator, None))
+        r, _, s = _scan_golden(range_loss, a, b, scan, iters, xatol, 0.99 * big_r, range_scan)
         return (-r + s).float(), (r + s).float()

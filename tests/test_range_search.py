@@ -407,6 +407,20 @@ def test_golden_section_quality(n_bits, symmetric, per_channel, one_sided):
     assert (ours <= best * 1.01).all(), (ours / best)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_golden_section_quality_with_subsampled_scan(monkeypatch, symmetric):
+    import tquant.kernels.range_search as rs
+
+    monkeypatch.setattr(rs, "_SCAN_SAMPLE", 1024)  # 4096 values: the scans see every 4th
+    torch.manual_seed(3)
+    data = torch.distributions.StudentT(3.0).sample((4096,)) + (0.0 if symmetric else 0.3)
+    space = define_search_space(data, 4, symmetric, False, 100, 0.5)
+    x_min, x_max = golden_section_range(data, space, 4, symmetric)
+    ours = loss_at(data.reshape(1, -1), x_min, x_max, 4, symmetric, False)
+    best = fine_best(data.reshape(1, -1), space, 4, symmetric, False, n_r=300 if space.two_d else 600)
+    assert ours[0] <= best[0] * 1.01, ours / best
+
+
 def test_golden_section_cross_entropy():
     data = torch.randn(8, 16) * 2
     space = define_search_space(data, 4, True, False, 100, 0.5)
