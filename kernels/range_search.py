@@ -50,7 +50,7 @@ _GPU_BLOCK = 1 << 25
 # Per-tensor percentiles of at most this many values are taken from a full sort.
 _SORT_MAX = 1 << 18
 _SAMPLE = 1 << 16
-# Golden section: scans of rows longer than twice this run on a strided subsample of this many values.
+# Golden section: per-tensor MSE scans of more than twice this many values run on a subsample.
 _SCAN_SAMPLE = 1 << 16
 
 
@@ -749,18 +749,41 @@ def _scan_golden(f, a: torch.Tensor, b: torch.Tensor, scan: int, iters: int | No
     return torch.where(better, x, best_x), torch.where(better, fx, best_f), out_a
 
 
-def _subsample(data: torch.Tensor, per_channel: bool) -> torch.Tensor | None:
-    """A strided subsample of at least ``_SCAN_SAMPLE`` values per row (None when ``data`` is small).
+class _ScanSample:
+    """A cheap stand-in for the MSE of a large per-tensor ``data`` in the golden-section scans.
 
-    Strided, not random: deterministic, no generator state, and a weight's or activation's rows
-    are not ordered by magnitude, so every stride sees the whole distribution.
+    The squared error of heavy-tailed data is dominated by its few largest values, which a
+    plain subsample misses. So the values above the ``1 - 1/stride`` quantile of ``|x|`` (taken
+    on a strided sample) are all kept (their loss exactly), and the rest is a strided sample
+    of the data with those values zeroed (zeros cost nothing), weighted by the stride:
+    ``loss ~ stride * loss(bulk sample) + loss(tail)``. Built on the device, no host sync.
+    Returns None (use all the data) for per-channel searches, cross entropy, or rows shorter
+    than ``2 * _SCAN_SAMPLE``.
     """
-    rows = data.reshape(data.shape[0], -1) if per_channel else data.reshape(1, -1)
-    stride = rows.shape[1] // _SCAN_SAMPLE
-    if stride < 2:
-        return None
-    sub = rows[:, ::stride]
-    return sub if per_channel else sub.reshape(-1)
+
+    def __init__(self, bulk: torch.Tensor, tail: torch.Tensor, stride: int):
+        self.bulk = _Evaluator(bulk, "mse", False, None)
+        self.tail = _Evaluator(tail, "mse", False, None)
+        self.stride = float(stride)
+        self.rows = 1
+
+    @classmethod
+    def build(cls, data: torch.Tensor, loss: str, per_channel: bool):
+        if loss != "mse" or per_channel:
+            return None
+        flat = data.detach().reshape(-1)
+        stride = flat.numel() // _SCAN_SAMPLE
+        if stride < 2:
+            return None
+        mag = flat.float().abs().nan_to_num(nan=0.0, posinf=0.0)
+        sample = mag[::stride]
+        thr = torch.kthvalue(sample, max(1, sample.numel() - sample.numel() // stride)).values
+        is_tail = mag > thr
+        bulk = torch.where(is_tail, torch.zeros_like(flat), flat)[::stride]
+        return cls(bulk, flat[is_tail], stride)
+
+    def __call__(self, scale, lo, hi):
+        return self.bulk(scale, lo, hi) * self.stride + self.tail(scale, lo, hi)
 
 
 def golden_section_range(
@@ -802,9 +825,10 @@ def golden_section_range(
         iters: golden-section steps per search (outer and inner), ``>= 1``; None: from ``xatol``.
         xatol: target final bracket width (absolute, as scipy's) when ``iters`` is None.
         scan: points of the initial scan, 0 (none) or ``>= 3``; the inner (shift) search of the
-            asymmetric case scans ``max(3, scan // 4)`` points. MSE rows longer than
-            ``2 * _SCAN_SAMPLE`` values are scanned on a strided subsample (the bracket then
-            spans two scan points each side of the best); golden section always uses all data.
+            asymmetric case scans ``max(3, scan // 4)`` points. Per-tensor MSE searches of more
+            than ``2 * _SCAN_SAMPLE`` values scan a subsample (every largest value, a strided
+            sample of the rest; see ``_ScanSample``) and widen the bracket to two scan points
+            each side of the best; golden section itself always uses all the data.
     Returns:
         ``(x_min, x_max)``: fp32 ``[C]`` (``[1]`` per tensor) on ``data``'s device.
     Raises:
@@ -829,8 +853,7 @@ def golden_section_range(
         evaluator = _Evaluator(data, loss, space.per_channel, None)
         channels = evaluator.rows
         # Large MSE inputs: the scans (most of the evaluations) run on a strided subsample.
-        sub = _subsample(data, space.per_channel) if loss == "mse" and scan >= 3 else None
-        sub_evaluator = None if sub is None else _Evaluator(sub, loss, space.per_channel, None)
+        sub_evaluator = _ScanSample.build(data, loss, space.per_channel) if scan >= 3 else None
 
         def loss_of(neg: torch.Tensor, pos: torch.Tensor, ev=evaluator) -> torch.Tensor:
             # neg, pos: fp64 [..., C] -> loss [..., C]; leading dims are candidates.
