@@ -607,7 +607,8 @@ def grid_losses(
     total to every channel, which gives every channel the same range (per-channel cross
     entropy is not really supported there). Non-finite values of ``data`` are left out of
     both losses (aihwkit would get NaN for every candidate). Vectorised over candidates in
-    chunks of about ``block`` elements; equal to aihwkit's loop up to fp summation order.
+    chunks of about ``block`` elements; equal to aihwkit's loop up to fp32 rounding (the CPU path
+    sums ``scale^2 * (x / scale - code)^2``, the Triton kernel the reference form) and summation order.
 
     Args:
         data: this batch, any shape and float dtype; per channel: ``data.shape[0] == C``.
@@ -618,13 +619,16 @@ def grid_losses(
         float64 ``[C, N+1]`` (1-D) or ``[C, N+1, max_int_skew, 2]`` (2-D) on ``data``'s device,
         candidate 0 (the empty range) set to ``+inf``; add the arrays of later batches.
     Raises:
-        ValueError: unknown ``loss``, mismatched ``space``, data without a finite value.
+        ValueError: unknown ``loss``, mismatched ``space``.
+
+    No host synchronisation (the search space, fixed on the first batch, already holds every
+    host value needed): a batch without any finite value (empty, all NaN/inf) adds zero to
+    every candidate's loss.
     """
     n_bits = _check_n_bits(n_bits)
     loss = _check_loss(loss)
     _check_space(space, n_bits, symmetric)
     _check_data_channels(data, space)
-    _check_finite_data(data)
     with torch.no_grad():
         neg, pos = _grid_thresholds(space, data.device)
         scale, lo, hi = _quant_bounds(neg.reshape(-1), pos.reshape(-1), n_bits, space.symmetric)
