@@ -227,8 +227,9 @@ class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
 
         No host synchronisation after the first batch on the grid path (the first batch reads
         the data's min and max once to fix the search space). Non-finite values of ``x`` are
-        ignored; a first batch with no finite value (empty, all NaN/inf) raises ``ValueError``
-        naming the layer; a later grid batch without finite values adds nothing to the losses.
+        ignored; a batch with no finite value (empty, all NaN/inf) raises ``ValueError`` naming
+        the layer when it is the first one or the search is golden section (which reads one flag
+        back per batch to check); a later grid batch without finite values adds nothing.
         """
         from .kernels import range_search as rs
 
