@@ -66,6 +66,7 @@ def make_data(kind: str, quick: bool, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     if kind == "weight":
         shape = (64, 64) if quick else (1024, 1024)
+        torch.manual_seed(0)  # StudentT samples from the global generator
         t = torch.distributions.StudentT(torch.tensor(3.0)).sample(shape) * 0.02
         return t.to(device)
     shape = (16, 10) if quick else (256, 1000)
