@@ -1,4 +1,4 @@
-"""``tquant bench quantizer|qat|onnx [--quick] ...``: run the CPU benchmarks from the command line."""
+"""``tquant bench quantizer|qat|onnx|search [--quick] ...``: run the benchmarks from the command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ BENCHES = {
     ),
     "qat": ("tquant.benchmarks.bench_qat", "QAT training step overhead over float: tquant vs torch.ao"),
     "onnx": ("tquant.benchmarks.bench_onnx", "onnxruntime latency: tquant int8 vs float vs quantize_static"),
+    "search": ("tquant.benchmarks.bench_search", "MSE / cross-entropy range searches: tquant vs aihwkit"),
 }
 
 

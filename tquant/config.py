@@ -138,12 +138,12 @@ class MSEEstimatorParams:
         name = type(self).__name__
         self.range_opt_method = _to_enum(OptMethod, self.range_opt_method, f"{name}.range_opt_method")
         n = self.num_candidates
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise QuantizationConfigError(f"{name}.num_candidates must be an int >= 1, got {n!r}")
-        if isinstance(self.range_margin, bool) or not isinstance(self.range_margin, (int, float)) or (
-            self.range_margin < 0
-        ):
-            raise QuantizationConfigError(f"{name}.range_margin must be a number >= 0, got {self.range_margin!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise QuantizationConfigError(f"{name}.num_candidates must be an int >= 2, got {n!r}")
+        m = self.range_margin
+        # The margin bounds the search of all-zero data: a non-positive bound has no candidate.
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (m > 0 and m != float("inf")):
+            raise QuantizationConfigError(f"{name}.range_margin must be a finite number > 0, got {m!r}")
 
 
 @dataclass

@@ -224,26 +224,51 @@ class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
             raise ValueError(f"{type(self).__name__} needs the quantizer it estimates for (quantizer=...)")
         if not isinstance(opt_method, OptMethod):
             raise ValueError(f"{type(self).__name__}.opt_method must be an OptMethod, got {opt_method!r}")
+        import math
+
+        from .errors import QuantizationConfigError
+
+        name = type(self).__name__
+        n = num_candidates
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise QuantizationConfigError(f"{name}.num_candidates must be an int >= 2, got {n!r}")
+        m = range_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and m > 0):
+            # The margin is the search bound of all-zero data: it must be positive.
+            raise QuantizationConfigError(f"{name}.range_margin must be a finite number > 0, got {m!r}")
         self.opt_method = opt_method
         self.num_candidates = num_candidates
-        self.range_margin = range_margin
+        self.range_margin = float(range_margin)
         self.space = None
         self.loss_array = None
 
     def forward(self, x):
+        """Search the range on ``x`` (grid: add this batch's losses first); returns ``(x_min, x_max)``.
+
+        No host synchronisation after the first batch on the grid path (the first batch reads
+        the data's min and max once to fix the search space). Non-finite values of ``x`` are
+        ignored; a batch with no finite value (empty, all NaN/inf) raises ``ValueError`` naming
+        the layer when it is the first one or the search is golden section (which reads one flag
+        back per batch to check); a later grid batch without finite values adds nothing.
+        """
         from .kernels import range_search as rs
 
         q = self.quantizer
         data = x.detach()
-        if self.space is None:
-            self.space = rs.define_search_space(data, q.n_bits, q.symmetric, self.per_channel, self.num_candidates,
-                                                self.range_margin)
-        if self.opt_method == OptMethod.grid:
-            losses = rs.grid_losses(data, self.space, q.n_bits, q.symmetric, loss=self.loss_name)
-            self.loss_array = losses if self.loss_array is None else self.loss_array + losses
-            x_min, x_max = rs.best_range(self.loss_array, self.space, q.n_bits)
-        else:
-            x_min, x_max = rs.golden_section_range(data, self.space, q.n_bits, q.symmetric, loss=self.loss_name)
+        try:
+            if self.space is None:
+                self.space = rs.define_search_space(data, q.n_bits, q.symmetric, self.per_channel,
+                                                    self.num_candidates, self.range_margin)
+            if self.opt_method == OptMethod.grid:
+                losses = rs.grid_losses(data, self.space, q.n_bits, q.symmetric, loss=self.loss_name)
+                self.loss_array = losses if self.loss_array is None else self.loss_array.add_(losses)
+                x_min, x_max = rs.best_range(self.loss_array, self.space, q.n_bits)
+            else:
+                x_min, x_max = rs.golden_section_range(data, self.space, q.n_bits, q.symmetric,
+                                                       loss=self.loss_name)
+        except ValueError as err:
+            layer = getattr(q, "layer_name", "") or "<unnamed layer>"
+            raise ValueError(f"{layer}: {type(self).__name__}: {err}") from err
         if not self.per_channel:
             x_min, x_max = x_min.reshape(()), x_max.reshape(())
         self.current_xmin, self.current_xmax = x_min, x_max
