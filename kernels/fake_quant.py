@@ -9,7 +9,7 @@ conventions). It is one pass over ``x``. Backward:
 - ``delta`` / ``zero_float`` (``learn_ranges``): the LSQ gradients autograd gives through the
   reference expression, reduced per tensor or per channel; only then is ``x`` saved.
 
-Registered as ``torch.library`` custom ops with fake implementations, so quantized models
+Registered as ``torch.library`` ops (``_ops.define_op``) with fake implementations, so quantized models
 run under ``torch.compile(fullgraph=True)`` and the ONNX exporter can find the op by name.
 """
 
@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from . import backend
+from ._ops import ANY_LAYOUT, define_op
 from .host_math import fake_quant_consts
+from .inline import fake_quant_inline, inline_ok
 from .reference import EPS, fake_quant_reference, grid_bounds, param_view
 
 __all__ = ["fake_quant", "fake_quant_forward", "fake_quant_range_grads"]
@@ -112,8 +114,7 @@ def _fake_quant_impl(x, delta, zero_float, signed, n_bits, symmetric, axis, with
     return _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
 
 
-@torch.library.custom_op("tquant::fake_quant", mutates_args=())
-def fake_quant_forward(
+def _fake_quant_op(
     x: torch.Tensor,
     delta: torch.Tensor,
     zero_float: torch.Tensor,
@@ -127,7 +128,10 @@ def fake_quant_forward(
     return _fake_quant_impl(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
 
 
-@fake_quant_forward.register_fake
+fake_quant_forward = define_op("fake_quant", _fake_quant_op, tags=ANY_LAYOUT)
+
+
+@torch.library.register_fake("tquant::fake_quant")
 def _(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask):
     mask = torch.empty_like(x, dtype=torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
     return torch.empty_like(x), mask
@@ -160,8 +164,7 @@ def _range_grads_torch(grad, x, delta, zero_float, signed, n_bits, symmetric, ax
     return grad_delta, grad_zf
 
 
-@torch.library.custom_op("tquant::fake_quant_range_grads", mutates_args=())
-def fake_quant_range_grads(
+def _range_grads_op(
     grad: torch.Tensor,
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -179,7 +182,10 @@ def fake_quant_range_grads(
     return _range_grads_torch(grad, x, delta, zero_float, signed, n_bits, symmetric, axis)
 
 
-@fake_quant_range_grads.register_fake
+fake_quant_range_grads = define_op("fake_quant_range_grads", _range_grads_op)
+
+
+@torch.library.register_fake("tquant::fake_quant_range_grads")
 def _(grad, x, delta, zero_float, signed, n_bits, symmetric, axis):
     return torch.empty_like(delta), torch.empty_like(zero_float)
 
@@ -207,7 +213,7 @@ def _backward(ctx, grad_y, grad_mask):
     return grad_x, grad_delta, grad_zf, None, None, None, None, None
 
 
-fake_quant_forward.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("tquant::fake_quant", _backward, setup_context=_setup_context)
 
 
 class _FakeQuantFunction(torch.autograd.Function):
@@ -249,6 +255,8 @@ def fake_quant(
     """
     if backend.resolve(x) == "reference":
         return fake_quant_reference(x, delta, zero_float, signed, n_bits, symmetric, axis)
+    if not (delta.requires_grad or zero_float.requires_grad) and inline_ok(x):
+        return fake_quant_inline(x, delta, zero_float, signed, n_bits, symmetric, axis)
     with_mask = torch.is_grad_enabled() and x.requires_grad
     # Traced code (torch.compile / export) sees the registered op; eager code skips its dispatch.
     op = fake_quant_forward if torch.compiler.is_compiling() else _FakeQuantFunction.apply

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from . import backend
+from ._ops import ANY_LAYOUT, define_op
 from .host_math import F32, qparams_f32, qparams_host, update_range_f32, update_range_host, write_state
+from .inline import inline_ok, update_range_inline
 from .reference import (
     ESTIMATOR_ALL,
     ESTIMATOR_CURRENT,
@@ -46,14 +48,23 @@ __all__ = [
 ]
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as 1-D in memory order: a view when ``x`` is dense in any dim order (channels-last too),
+    a copy only for gapped strides. Reductions over all elements need no particular order."""
+    if x.is_contiguous():
+        return x.view(-1)
+    perm = sorted(range(x.dim()), key=lambda d: (x.stride(d), x.shape[d]), reverse=True)
+    y = x.permute(perm)
+    return y.view(-1) if y.is_contiguous() else x.reshape(-1)
+
+
 def _batch_minmax_torch(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One ``aminmax`` pass; a second, masked pass only when the result is not finite."""
     xd = x.detach()
     rows = 1 if axis < 0 else x.shape[0]
     if xd.numel() == 0 or rows == 0:
         return batch_minmax_reference(xd, axis)
-    flat = xd.reshape(-1) if axis < 0 else xd.reshape(rows, -1)
-    bmin, bmax = torch.aminmax(flat) if axis < 0 else torch.aminmax(flat, dim=1)
+    bmin, bmax = torch.aminmax(_flat(xd)) if axis < 0 else torch.aminmax(xd.reshape(rows, -1), dim=1)
     bmin, bmax = bmin.float(), bmax.float()
     if xd.device.type == "cpu":
         # On the CPU a value check costs no device round trip: pay the masked pass only if needed.
@@ -91,8 +102,7 @@ def _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed,
     signed.copy_(s)
 
 
-@torch.library.custom_op("tquant::batch_minmax", mutates_args=())
-def batch_minmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_minmax_op(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max (fp32) of the finite values of ``x``: 0-dim (``axis=-1``) or ``[C]`` (``axis=0``)."""
     impl = backend.resolve(x)
     if impl == "triton":
@@ -104,16 +114,16 @@ def batch_minmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor
     return _batch_minmax_torch(x, axis)
 
 
-@batch_minmax.register_fake
+batch_minmax = define_op("batch_minmax", _batch_minmax_op, tags=ANY_LAYOUT)
+
+
+@torch.library.register_fake("tquant::batch_minmax")
 def _(x, axis):
     shape = () if axis < 0 else (x.shape[0],)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "tquant::finalize_range", mutates_args=("range_min", "range_max", "delta", "zero_float", "signed")
-)
-def finalize_range(
+def _finalize_range_op(
     bmin: torch.Tensor,
     bmax: torch.Tensor,
     range_min: torch.Tensor,
@@ -132,7 +142,11 @@ def finalize_range(
                     estimator, momentum, first)
 
 
-@finalize_range.register_fake
+_MUTATED = ("range_min", "range_max", "delta", "zero_float", "signed")
+finalize_range = define_op("finalize_range", _finalize_range_op, mutates_args=_MUTATED)
+
+
+@torch.library.register_fake("tquant::finalize_range")
 def _(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, estimator, momentum,
       first):
     return None
@@ -153,17 +167,18 @@ def update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tens
         momentum: EMA momentum ``m`` of the running estimator.
         first: ignore the running range (this batch sets it), as if it were all NaN.
 
-    Traced code (torch.compile / export) calls the registered op ``tquant::update_range``;
-    eager code calls its implementation directly (no custom-op dispatch overhead).
+    Traced code calls the registered op ``tquant::update_range``, or on the CPU under
+    ``torch.compile`` its reference expressions (``inline.py``); eager code calls its
+    implementation directly (no dispatch overhead).
     """
-    impl = update_range_op if torch.compiler.is_compiling() else _update_range_impl
+    if inline_ok(x):
+        impl = update_range_inline
+    else:
+        impl = update_range_op if torch.compiler.is_compiling() else _update_range_impl
     impl(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum, first)
 
 
-@torch.library.custom_op(
-    "tquant::update_range", mutates_args=("range_min", "range_max", "delta", "zero_float", "signed")
-)
-def update_range_op(
+def _update_range_op(
     x: torch.Tensor,
     range_min: torch.Tensor,
     range_max: torch.Tensor,
@@ -187,7 +202,7 @@ def _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_b
     """CPU, per tensor: one ``aminmax``, the scalar math on float32 scalars, five fills."""
     xd = x.detach()
     if xd.numel():
-        lo_t, hi_t = torch.aminmax(xd.reshape(-1))
+        lo_t, hi_t = torch.aminmax(_flat(xd))
         lo, hi = F32(lo_t.item()), F32(hi_t.item())
     else:
         lo, hi = F32(math.inf), F32(-math.inf)
@@ -222,7 +237,10 @@ def _update_range_impl(x, range_min, range_max, delta, zero_float, signed, n_bit
                     estimator, momentum, first)
 
 
-@update_range_op.register_fake
+update_range_op = define_op("update_range", _update_range_op, mutates_args=_MUTATED, tags=ANY_LAYOUT)
+
+
+@torch.library.register_fake("tquant::update_range")
 def _(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum,
       first):
     return None

@@ -1,4 +1,4 @@
-"""Shared test helpers: tolerances by dtype, tie-heavy inputs, quantizer state builders."""
+"""Shared test helpers: tolerances by dtype, bit-level comparison, tie-heavy inputs, quantizer state builders."""
 
 from __future__ import annotations
 
@@ -10,6 +10,28 @@ from tquant.kernels import reference as ref
 # Float tolerances for gradients (values are compared exactly); one table for every test.
 GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
             torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Same shape, dtype, NaN positions and bits (so ``-0.0 != +0.0``; NaN payloads may differ)."""
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if actual.dtype == torch.bool:
+        assert torch.equal(actual, expected), f"{what}: {(actual != expected).sum()} mismatches"
+        return
+    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
+    ia = actual.masked_fill(nan_a, 0).contiguous().view(INT_VIEW[actual.dtype])
+    ie = expected.masked_fill(nan_e, 0).contiguous().view(INT_VIEW[expected.dtype])
+    bad = ia != ie
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} differ, e.g. {actual[bad][:4].tolist()} "
+        f"vs {expected[bad][:4].tolist()}"
+    )
 
 
 def state_from_range(x_min, x_max, n_bits, symmetric):

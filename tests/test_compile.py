@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 
 import tquant
 
+from helpers import assert_bits_equal, tie_values
 from models import cnn_case, make_qmap, mlp_case, transformer_case
 
 
@@ -147,6 +148,61 @@ def test_compiled_qat_matches_eager_from_a_fresh_conversion(case, qkw, exact):
     if qkw.get("symmetric", True) is False:
         learned = [m.quantizer._delta for m in twin.modules() if isinstance(m, tquant.QuantizationManager)]
         assert learned and all(d.requires_grad for d in learned)
+
+
+def test_inline_quantizer_math_is_the_reference_bit_for_bit(monkeypatch):
+    """On the CPU inductor compiles the reference expressions (``kernels/inline.py``) in place of the
+    ops: outputs, sign of zero included, ranges and parameters must be the reference's bits, for
+    ties, zeros of both signs, non-finite values, fp16, both estimators' branches and all grids."""
+    import importlib
+
+    import tquant.kernels as K
+    from tquant.kernels import reference as ref
+
+    def not_inline(*args):
+        raise AssertionError("the compiled code called a tquant op instead of inlining its math")
+
+    monkeypatch.setattr(importlib.import_module("tquant.kernels.fake_quant"), "_fake_quant_impl", not_inline)
+    monkeypatch.setattr(importlib.import_module("tquant.kernels.range_update"), "_update_range_impl", not_inline)
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(120) * 3, tie_values(0.05, 4)[::3], torch.tensor([0.0, -0.0, -1e-9, 1e-9])])
+    x[::17] = float("nan")
+    x[5], x[9] = float("inf"), -float("inf")
+    x = x[: 8 * (x.numel() // 8)].reshape(8, -1)
+    configs = [(sym, axis, bits, est) for sym in (True, False) for axis in (-1, 0)
+               for bits, est in ((4, K.ESTIMATOR_RUNNING), (8, K.ESTIMATOR_ALL))]
+
+    def fresh_state(axis):
+        shape = () if axis < 0 else (x.shape[0],)
+        return [torch.full(shape, float("nan")), torch.full(shape, float("nan")), torch.zeros(shape),
+                torch.zeros(shape), torch.zeros((), dtype=torch.bool)]
+
+    def run(xs, states):  # two batches per config: the initialising update, then the estimator's
+        out = []
+        for (sym, axis, bits, est), st in zip(configs, states):
+            for xb in xs:
+                K.update_range(xb.detach(), *st, bits, sym, axis, est, 0.9, False)
+                out.append(K.fake_quant(xb, *st[2:], bits, sym, axis))
+        return out
+
+    xs = [x, (x.flip(1) * 1.5).half()]
+    with K.use_backend("torch"):
+        compiled_states = [fresh_state(axis) for _, axis, _, _ in configs]
+        got = torch.compile(run, fullgraph=True)(xs, compiled_states)
+    i = 0
+    for (sym, axis, bits, est), st in zip(configs, compiled_states):
+        old = fresh_state(axis)[:2]
+        for xb in xs:
+            bmin, bmax = ref.batch_minmax_reference(xb, axis)
+            old = ref.update_range_reference(bmin, bmax, *old, est, 0.9)
+            d, z, s = ref.qparams_from_range(*old, bits, sym)
+            expected = ref.fake_quant_reference(xb, d, z, s, bits, sym, axis)
+            what = f"sym={sym} axis={axis} bits={bits} est={est} {xb.dtype}"
+            assert_bits_equal(got[i], expected, what)
+            i += 1
+        for have, want in zip(st, (*old, d, z, s)):
+            assert_bits_equal(have, want, what)
 
 
 def test_export_graph_has_the_tquant_ops():

@@ -66,6 +66,37 @@ def test_strided_input_matches_contiguous():
     torch.testing.assert_close(y, ref.fake_quant_reference(x.contiguous(), d, z, s, 8, False, 0), rtol=0, atol=0)
 
 
+LAYOUTS = {
+    "nhwc": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "permuted": lambda x: x.permute(2, 0, 3, 1),
+    "sliced": lambda x: x[:, ::2],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("numel_scale", [1, 64], ids=["host-size", "torch-size"])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_ops_keep_the_input_layout(layout, numel_scale, axis, dtype):
+    """The ops are tagged ``flexible_layout`` for inductor: y and the mask have ``empty_like(x)``'s
+    strides (what the fake kernels promise) and the range comes from any strides without error."""
+    x = LAYOUTS[layout](torch.randn(4, 6, 5 * numel_scale, 7).to(dtype))
+    assert torch.Tag.flexible_layout in torch.ops.tquant.fake_quant.default.tags
+    assert torch.Tag.flexible_layout in torch.ops.tquant.update_range.default.tags
+    shape = () if axis < 0 else (x.shape[0],)
+    state = [torch.full(shape, float("nan")), torch.full(shape, float("nan")), torch.zeros(shape),
+             torch.zeros(shape), torch.zeros((), dtype=torch.bool)]
+    with K.use_backend("torch"):
+        torch.ops.tquant.update_range.default(x, *state, 8, True, axis, K.ESTIMATOR_CURRENT, 0.0, False)
+        y, mask = torch.ops.tquant.fake_quant.default(x, *state[2:], 8, True, axis, True)
+    bmin, bmax = ref.batch_minmax_reference(x, axis)
+    assert torch.equal(state[0], bmin) and torch.equal(state[1], bmax)
+    layout_strides = torch.empty_like(x).stride()
+    assert y.stride() == layout_strides and mask.stride() == layout_strides, (y.stride(), mask.stride())
+    expected = ref.fake_quant_reference(x, *state[2:], 8, True, axis)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
 def test_ste_and_learned_range_gradients_match_autograd_of_reference(symmetric, axis):

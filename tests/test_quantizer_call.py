@@ -23,6 +23,8 @@ from tquant.kernels._triton import HAS_TRITON, INTERPRET
 from tquant.kernels.host_math import F32, qparams_f32, update_range_f32
 from tquant.kernels.quantizer_call import HOST_MAX_NUMEL
 
+from helpers import assert_bits_equal
+
 ESTIMATORS = [tquant.RangeEstimators.current_minmax, tquant.RangeEstimators.allminmax,
               tquant.RangeEstimators.running_minmax]
 LANES = ["host", "torch"] + (["triton"] if HAS_TRITON and (INTERPRET or torch.cuda.is_available()) else [])
@@ -56,17 +58,6 @@ def state(qm):
     return [q._delta, q._zero_float, q._signed, est.current_xmin, est.current_xmax]
 
 
-def assert_bits(a: torch.Tensor, b: torch.Tensor, what: str):
-    a, b = a.detach().cpu(), b.detach().cpu()
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    if a.dtype == torch.bool:
-        assert torch.equal(a, b), what
-        return
-    same = (a.view(torch.int32 if a.dtype == torch.float32 else torch.int16) ==
-            b.view(torch.int32 if b.dtype == torch.float32 else torch.int16)) | (a.isnan() & b.isnan())
-    assert same.all(), f"{what}: {a[~same][:4].tolist()} vs {b[~same][:4].tolist()}"
-
-
 LANE_CASES = [pytest.param(lane, pc, id=f"{lane}-{'channel' if pc else 'tensor'}")
               for lane in LANES for pc in (False, True) if not (lane == "host" and pc)]  # host: per tensor only
 
@@ -85,9 +76,9 @@ def test_lane_matches_reference(lane, per_channel, symmetric, estimator):
         assert call.lane == lane, (call.lane, lane)
         with K.use_backend("reference"):
             y_ref = ref(xr.to(ref.quantizer._delta.device))
-        assert_bits(y, y_ref, f"step {step}: y")
+        assert_bits_equal(y, y_ref, f"step {step}: y")
         for name, a, b in zip(("delta", "zero_float", "signed", "range_min", "range_max"), state(qm), state(ref)):
-            assert_bits(a, b, f"step {step}: {name}")
+            assert_bits_equal(a, b, f"step {step}: {name}")
         g = torch.randn_like(y)
         y.backward(g)
         y_ref.backward(g)
@@ -124,5 +115,5 @@ def test_scalar_host_math_is_the_reference(lo, hi, old_lo, old_hi, estimator, mo
         f_lo, f_hi = update_range_f32(F32(lo), F32(hi), F32(old_lo), F32(old_hi), estimator, momentum)
         fd, fz, fs = qparams_f32(f_lo, f_hi, n_bits, symmetric)
     for name, a, b in (("min", f_lo, new_min), ("max", f_hi, new_max), ("delta", fd, d), ("zero_float", fz, z)):
-        assert_bits(torch.tensor(np.float32(a)), b, name)
+        assert_bits_equal(torch.tensor(np.float32(a)), b, name)
     assert fs == bool(s)

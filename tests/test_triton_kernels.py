@@ -24,6 +24,8 @@ from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 from tquant.kernels.range_update import _finalize_torch
 
+from helpers import assert_bits_equal
+
 pytestmark = [
     pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"),
     # the interpreter's numpy warns on inf - inf inside the rounding helper (the result is discarded)
@@ -41,7 +43,6 @@ if HAS_TRITON:
 
 # Gradient sums: |triton - torch| <= SUM_RTOL[dtype] * sum(|terms|) (different summation order).
 SUM_RTOL = {torch.float32: 2.0**-18, torch.float16: 2.0**-18, torch.bfloat16: 2.0**-18}
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 @pytest.fixture(autouse=True)
@@ -52,25 +53,6 @@ def _triton_backend():
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Same shape, dtype, NaN positions and bits (so ``-0.0 != +0.0``)."""
-    actual, expected = actual.detach().cpu(), expected.detach().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if actual.dtype == torch.bool:
-        assert torch.equal(actual, expected), f"{what}: {(actual != expected).sum()} mismatches"
-        return
-    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
-    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
-    ia = actual.masked_fill(nan_a, 0).contiguous().view(INT_VIEW[actual.dtype])
-    ie = expected.masked_fill(nan_e, 0).contiguous().view(INT_VIEW[expected.dtype])
-    bad = ia != ie
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {bad.numel()} differ, e.g. {actual[bad][:4].tolist()} "
-        f"vs {expected[bad][:4].tolist()}"
-    )
 
 
 def ref_mask(x, delta, zero_float, signed, n_bits, symmetric, axis):
