@@ -337,8 +337,12 @@ def checks(rows: list[dict]) -> list[str]:
             if row is None:
                 continue
             ok = row["accuracy"] >= peer["accuracy"] - ACCURACY_TOLERANCE
+            if name == "tquant W8A8":
+                verdict = "PASS" if ok else "FAIL"
+            else:  # calibration without QAT is not the delivered model: shown for reference only
+                verdict = "for reference (no QAT; not an acceptance point): " + ("not behind" if ok else "behind")
             lines.append(f"digits {name} accuracy {row['accuracy']:.2f}% vs quantize_static "
-                         f"{peer['accuracy']:.2f}%{_seeds_note(row, peer)}: {'PASS' if ok else 'FAIL'}")
+                         f"{peer['accuracy']:.2f}%{_seeds_note(row, peer)}: {verdict}")
     enc, epeer = by.get(("encoder", "tquant W8A8")), by.get(("encoder", "quantize_static"))
     if enc and epeer:
         ok = enc["vs_quantize_static"] <= 1.0

@@ -59,6 +59,16 @@ def test_accuracy_check_compares_the_means_over_seeds(ours, verdict):
     assert "mean of 3 seeds" in line and "per seed: -1 " in line
 
 
+def test_calibration_only_accuracy_is_reported_without_a_verdict():
+    """Only the QAT model is the delivered one: the calibrated row is shown for reference."""
+    rows = [_digits_row("quantize_static", [444, 444]), _digits_row("tquant W8A8", [444, 444]),
+            _digits_row("tquant W8A8 calibrated", [443, 444])]
+    lines = bench_onnx.checks(rows)
+    line = next(x for x in lines if x.startswith("digits tquant W8A8 calibrated accuracy"))
+    assert line.endswith("not an acceptance point): behind") and "FAIL" not in line and "PASS" not in line
+    assert next(x for x in lines if x.startswith("digits tquant W8A8 accuracy")).endswith("PASS")
+
+
 def test_seeds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "onnx", "--quick", "--seeds", "0"])
