@@ -66,6 +66,40 @@ def test_strided_input_matches_contiguous():
     torch.testing.assert_close(y, ref.fake_quant_reference(x.contiguous(), d, z, s, 8, False, 0), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape, axis", [((1000,), -1), ((7, 5, 9), -1), ((7, 5, 9), 0), ((300,), 0), ((3, 200), 0)],
+                         ids=["flat", "3d-tensor", "3d-channel", "1d-channel", "wide-rows"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_blocked_cpu_passes_match_the_reference(monkeypatch, shape, axis, symmetric, dtype, with_mask):
+    """Large CPU tensors run the passes block by block (here blocks of 64 elements, with a ragged
+    last block; per channel whole rows, or one row wider than a block): same bits, same mask."""
+    import importlib
+
+    fq = importlib.import_module("tquant.kernels.fake_quant")
+    monkeypatch.setattr(fq, "BLOCK", 64)
+    monkeypatch.setattr(fq, "BLOCKED_MIN_NUMEL", 1)
+    x = torch.randn(shape) * 3 + 0.5
+    x.view(-1)[::37] = float("nan")
+    x.view(-1)[3], x.view(-1)[4], x.view(-1)[5] = float("inf"), -float("inf"), -0.0
+    x = x.to(dtype)
+    d, z, s = _state(x, 4, symmetric, axis)
+    y, mask = fq._fake_quant_torch(x, d, z, s, 4, symmetric, axis, with_mask)
+    expected = ref.fake_quant_reference(x, d, z, s, 4, symmetric, axis)
+    assert y.dtype == dtype and y.shape == x.shape
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].float().view(torch.int32), expected[~nan].float().view(torch.int32))
+    if with_mask:
+        codes = torch.round(x.float() / ref.param_view(torch.clamp(d, min=ref.EPS), x, axis))
+        if not symmetric:
+            codes = codes + ref.param_view(torch.clamp(torch.round(z), 0, 15), x, axis)
+        qmin, qmax = ref.grid_bounds(4, symmetric, s)
+        assert torch.equal(mask, (codes >= qmin) & (codes <= qmax))
+    else:
+        assert mask.numel() == 0
+
+
 LAYOUTS = {
     "nhwc": lambda x: x.contiguous(memory_format=torch.channels_last),
     "permuted": lambda x: x.permute(2, 0, 3, 1),
