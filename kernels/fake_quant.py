@@ -91,7 +91,8 @@ def _quantize_blocks(x, scale, zp, qmin, qmax, with_mask):
     y2 = torch.empty_like(x2)
     mask2 = torch.empty(x2.shape, dtype=torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
     fp32 = x.dtype == torch.float32
-    scratch = torch.empty(2 * min(x2.numel(), max(BLOCK, cols)) if not fp32 else min(x2.numel(), max(BLOCK, cols)))
+    largest = min(x2.numel(), max(BLOCK, cols))  # elements of the largest block
+    scratch = torch.empty(largest if fp32 else 2 * largest)  # codes (and, below fp32, the values)
     for rs, cs in blocks:
         xb = x2[rs, cs]
         n = xb.numel()
