@@ -415,11 +415,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tquant-bench-onnx-") as tmp:
         for subject in args.subjects:
             rows += run_subject(subject, Path(tmp), args)
-    run_id = common.new_run_id(env)
-    for r in rows:
-        r.update(run_id=run_id, device=env["device"], onnxruntime=env["onnxruntime"])
-    common.append_csv(out / "onnx.csv", rows, CSV_FIELDS)
-    common.write_json(out / "onnx.json", env, rows, notes=checks(rows))
+    common.record_run(out, "onnx", env, rows, CSV_FIELDS, notes=checks(rows), tags=("onnxruntime",))
     write_markdown(out / "onnx.md", env, rows)
     print(common.markdown_table(rows, COLUMNS))
     for line in checks(rows):

@@ -412,12 +412,8 @@ def main(args: argparse.Namespace) -> int:
     )
     rows = run_benchmark(models, quick=args.quick, reps=args.reps, warmup=args.warmup, device=device,
                          compile_=not getattr(args, "no_compile", False))
-    run_id = common.new_run_id(env)
-    for r in rows:
-        r.update(run_id=run_id, device=env["device"], torch=env["torch"])
-    common.append_csv(out / "qat.csv", rows, CSV_FIELDS)
-    common.write_json(out / "qat.json", env, rows)
-    write_markdown(out / "qat.md", env, rows, common.read_csv(out / "qat.csv"))
+    history = common.record_run(out, "qat", env, rows, CSV_FIELDS)
+    write_markdown(out / "qat.md", env, rows, history)
     if not args.no_plot and not plot(out / "qat.png", env, rows):
         print("matplotlib not installed: no plot")
     print(f"results in {out}")

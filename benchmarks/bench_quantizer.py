@@ -516,12 +516,8 @@ def main(args: argparse.Namespace) -> int:
         device=device,
     )
     notes += run_notes
-    run_id = common.new_run_id(env)
-    for r in rows:
-        r.update(run_id=run_id, device=env["device"], torch=env["torch"])
-    common.append_csv(out / "quantizer.csv", rows, CSV_FIELDS)
-    common.write_json(out / "quantizer.json", env, rows, notes)
-    write_markdown(out / "quantizer.md", env, rows, common.read_csv(out / "quantizer.csv"), notes)
+    history = common.record_run(out, "quantizer", env, rows, CSV_FIELDS, notes)
+    write_markdown(out / "quantizer.md", env, rows, history, notes)
     if not args.no_plot and not plot(out / "quantizer.png", env, rows):
         print("matplotlib not installed: no plot")
     print(f"results in {out}")

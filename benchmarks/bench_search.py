@@ -385,12 +385,8 @@ def main(args: argparse.Namespace) -> int:
         if "aihwkit" not in {r["provider"] for r in rows} and any(r["provider"] == "aihwkit-algo" for r in rows):
             notes.append("baseline: aihwkit-algo, the eager re-implementation of aihwkit's algorithm "
                          "(aihwkit itself was not importable)")
-        run_id = common.new_run_id(env)
-        for r in rows:
-            r.update(run_id=run_id, device=env["device"], torch=env["torch"])
-        common.append_csv(out / "search.csv", rows, CSV_FIELDS)
-        common.write_json(out / "search.json", env, rows, notes)
-        write_markdown(out / "search.md", env, rows, common.read_csv(out / "search.csv"), notes)
+        history = common.record_run(out, "search", env, rows, CSV_FIELDS, notes)
+        write_markdown(out / "search.md", env, rows, history, notes)
         if not args.no_plot and not plot(out / "search.png", env, rows):
             print("matplotlib not installed (or nothing to plot): no plot")
         print(f"results in {out}")

@@ -436,6 +436,18 @@ def write_json(path: Path, env: dict, rows: list[dict], notes: Sequence[str] = (
         f.write("\n")
 
 
+def record_run(out: Path, stem: str, env: dict, rows: list[dict], fieldnames: Sequence[str],
+               notes: Sequence[str] = (), tags: Sequence[str] = ("torch",)) -> list[dict]:
+    """Tag ``rows`` with a new run id, the device and the ``tags`` fields of ``env``; append them to
+    ``out/<stem>.csv`` and write ``out/<stem>.json``. Returns every run the CSV holds (the history)."""
+    run_id = new_run_id(env)
+    for r in rows:
+        r.update(run_id=run_id, device=env["device"], **{k: env[k] for k in tags})
+    append_csv(out / f"{stem}.csv", rows, fieldnames)
+    write_json(out / f"{stem}.json", env, rows, notes)
+    return read_csv(out / f"{stem}.csv")
+
+
 def fmt(value, spec: str = ".3g") -> str:
     """Format a number for a markdown table ('-' for None / NaN / empty)."""
     if value is None or value == "":

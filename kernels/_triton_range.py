@@ -52,8 +52,15 @@ _RULE_EMA = 2  # (1 - m) * batch + m * old, finite fallbacks
 
 
 @triton.jit
-def _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Min / max of the finite values of row block ``rows`` over column tiles ``split, split + P, ...``."""
+def _program_minmax(p_x, ROWS, COLS, sx_row, sx_col, P, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``(pid, split, rows, rmask, lo, hi)`` of this program: program ``pid`` takes row block ``pid // P``
+    and its column tiles ``split, split + P, ...`` (``split = pid % P``); ``lo`` / ``hi`` are the
+    ``[BLOCK_C, BLOCK_R]`` min / max of the finite values seen (+inf / -inf where none)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid // P
+    split = pid - rb * P
+    rows = rb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    rmask = rows < ROWS
     lo = tl.full([BLOCK_C, BLOCK_R], float("inf"), tl.float32)
     hi = tl.full([BLOCK_C, BLOCK_R], float("-inf"), tl.float32)
     n_cb = tl.cdiv(COLS, BLOCK_R)
@@ -64,7 +71,7 @@ def _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C: tl.
         ok = m & (tl.abs(x) < float("inf"))  # NaN and +-inf are left out
         lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
         hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
-    return lo, hi
+    return pid, split, rows, rmask, lo, hi
 
 
 @triton.jit
@@ -74,12 +81,7 @@ def _minmax_partials_kernel(
     PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Min / max of the finite values seen by program ``(row block, split)``; ``+inf / -inf`` if none."""
-    pid = tl.program_id(0).to(tl.int64)
-    rb = pid // P
-    split = pid - rb * P
-    rows = rb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    rmask = rows < ROWS
-    lo, hi = _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
+    pid, split, rows, rmask, lo, hi = _program_minmax(p_x, ROWS, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
     if PER_CHANNEL:
         tl.store(p_pmin + rows * P + split, tl.min(lo, axis=1), mask=rmask)
         tl.store(p_pmax + rows * P + split, tl.max(hi, axis=1), mask=rmask)
@@ -210,12 +212,7 @@ def _update_range_kernel(
     acquires the batch range, runs :func:`_finalize_state`, and restores ``bmin``, ``bmax`` and
     ``count`` for the next launch: no fill kernel, no host synchronisation.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    rb = pid // P
-    split = pid - rb * P
-    rows = rb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    rmask = rows < ROWS
-    lo, hi = _block_minmax(p_x, rows, rmask, split, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
+    _, _, rows, rmask, lo, hi = _program_minmax(p_x, ROWS, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
     if PER_CHANNEL:
         tl.atomic_min(p_bmin + rows, tl.min(lo, axis=1), mask=rmask, sem="release")
         tl.atomic_max(p_bmax + rows, tl.max(hi, axis=1), mask=rmask, sem="release")

@@ -67,7 +67,8 @@ class _InlineFakeQuant(torch.autograd.Function):
 
     Saves the in-range mask (NaN: out of range) as uint8 0/1, made from a float select: inductor's
     CPU code stores a bool computed from comparisons ten times slower than that. No gradient for the
-    range.
+    range. The expression is written out rather than taken from ``fake_quant_reference``, whose
+    straight-through round (an ``autograd.Function``) compiled to a slower graph here.
     """
 
     @staticmethod

@@ -171,10 +171,10 @@ def update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tens
     ``torch.compile`` its reference expressions (``inline.py``); eager code calls its
     implementation directly (no dispatch overhead).
     """
-    if inline_ok(x):
-        impl = update_range_inline
+    if not torch.compiler.is_compiling():
+        impl = _update_range_impl
     else:
-        impl = update_range_op if torch.compiler.is_compiling() else _update_range_impl
+        impl = update_range_inline if inline_ok(x) else update_range_op
     impl(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum, first)
 
 
