@@ -55,7 +55,8 @@ _RULE_EMA = 2  # (1 - m) * batch + m * old, finite fallbacks
 def _program_minmax(p_x, ROWS, COLS, sx_row, sx_col, P, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """``(pid, split, rows, rmask, lo, hi)`` of this program: program ``pid`` takes row block ``pid // P``
     and its column tiles ``split, split + P, ...`` (``split = pid % P``); ``lo`` / ``hi`` are the
-    ``[BLOCK_C, BLOCK_R]`` min / max of the finite values seen (+inf / -inf where none)."""
+    ``[BLOCK_C, BLOCK_R]`` min / max of the finite values seen (+inf / -inf where none; a zero is
+    +0.0, so the reductions after this one need no order to give the reference's sign)."""
     pid = tl.program_id(0).to(tl.int64)
     rb = pid // P
     split = pid - rb * P
@@ -71,7 +72,7 @@ def _program_minmax(p_x, ROWS, COLS, sx_row, sx_col, P, BLOCK_C: tl.constexpr, B
         ok = m & (tl.abs(x) < float("inf"))  # NaN and +-inf are left out
         lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
         hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
-    return pid, split, rows, rmask, lo, hi
+    return pid, split, rows, rmask, lo + 0.0, hi + 0.0
 
 
 @triton.jit

@@ -6,6 +6,11 @@ take. Every function here is the float32 transcription of its counterpart in
 ``reference.py`` (same operations in the same order; IEEE float32 arithmetic is correctly
 rounded in numpy and torch alike), and the tests compare the two bit for bit: ``*_host`` on
 numpy arrays (per channel), ``*_f32`` on numpy float32 scalars (per tensor).
+
+The per-tensor functions (``update_range_f32``, ``qparams_f32``, ``fake_quant_consts``) are also
+compiled as they are by numba for the host lane's fused kernels (``host_jit.py``): they call no
+other Python function, and use only what numba's nopython mode types the same way as Python
+(``np.float32`` scalars, ``math``, comparisons).
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ def fake_quant_consts(delta, zero_float, signed: bool, n_bits: int, symmetric: b
     scale = delta if not delta < _EPS else _EPS  # torch.clamp(min=EPS) keeps NaN
     full = float(2**n_bits - 1)
     if not symmetric:
-        return scale, min(max(float(round(float(zero_float))), 0.0), full), 0.0, full  # round: half to even
+        zp = float(np.rint(F32(zero_float)))  # round half to even
+        zp = 0.0 if zp < 0.0 else (full if zp > full else zp)  # torch.clamp: NaN stays NaN
+        return scale, zp, 0.0, full
     if signed:
         half = float(2 ** (n_bits - 1))
         return scale, 0.0, -half, half - 1.0
@@ -80,22 +87,26 @@ def write_state(values, tensors) -> None:
 
 def update_range_f32(lo, hi, old_lo, old_hi, estimator: int, momentum: float):
     """``update_range_reference`` for one range held in numpy float32 scalars (each operation is
-    rounded to float32, as torch's are). A NaN old range means "no range yet"."""
-    if estimator == ESTIMATOR_CURRENT or old_lo != old_lo:
+    rounded to float32, as torch's are). A NaN old bound means "no range yet": that bound takes
+    the batch's, each side on its own, as in the reference."""
+    if estimator == ESTIMATOR_CURRENT:
         return lo, hi
-    if estimator == ESTIMATOR_ALL:  # torch.minimum / maximum: the first argument on ties
+    if estimator == ESTIMATOR_ALL:  # torch.minimum / maximum: the first argument on ties; NaN: the batch's
         return (old_lo if old_lo <= lo else lo), (old_hi if old_hi >= hi else hi)
-    if estimator == ESTIMATOR_RUNNING:
+    if estimator == ESTIMATOR_RUNNING:  # ema_range: a * batch + m * old, or whichever side is finite
         a, m = F32(1 - momentum), F32(momentum)
-        return _ema(lo, old_lo, a, m), _ema(hi, old_hi, a, m)
-    raise ValueError(f"update_range: unknown estimator code {estimator}")
-
-
-def _ema(batch, old, a, m):
-    """``ema_range`` on float32 scalars: ``a * batch + m * old``, or whichever side is finite."""
-    if math.isfinite(batch):
-        return a * batch + m * old if math.isfinite(old) else batch
-    return old
+        if old_lo == old_lo:
+            if math.isfinite(lo):
+                lo = a * lo + m * old_lo if math.isfinite(old_lo) else lo
+            else:
+                lo = old_lo
+        if old_hi == old_hi:
+            if math.isfinite(hi):
+                hi = a * hi + m * old_hi if math.isfinite(old_hi) else hi
+            else:
+                hi = old_hi
+        return lo, hi
+    raise ValueError("update_range: unknown estimator code " + str(estimator))
 
 
 def qparams_f32(x_min, x_max, n_bits: int, symmetric: bool):

@@ -47,8 +47,8 @@ def _batch_minmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tenso
     if not dims:  # per channel on a 1-D tensor: each element is its channel
         inf = torch.full_like(xf, float("inf"))
         return torch.where(finite, xf, inf), torch.where(finite, xf, -inf)
-    return (torch.where(finite, xf, float("inf")).amin(dim=dims),
-            torch.where(finite, xf, -float("inf")).amax(dim=dims))
+    return (torch.where(finite, xf, float("inf")).amin(dim=dims) + 0.0,  # a zero extreme is +0.0
+            torch.where(finite, xf, -float("inf")).amax(dim=dims) + 0.0)
 
 
 def update_range_inline(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator,

@@ -22,8 +22,11 @@ into it in place. Values are the reference's (``reference.py``) bit for bit on e
 Lanes (chosen when the call is planned):
 
 - ``triton``: CUDA tensors (or any tensor with ``TQUANT_BACKEND=triton``), the fused kernels;
-- ``host``: small contiguous fp32/fp16 CPU tensors per tensor: numpy on the host (no torch op
-  dispatch, float32 arithmetic identical to torch's);
+- ``numba``: small contiguous fp32 CPU tensors per tensor, when numba is installed (``pip install
+  'tquant[cpu]'``) and ``TQUANT_NUMBA`` is not ``0``: a whole call in one compiled kernel
+  (``host_jit.py``);
+- ``host``: small contiguous fp32/fp16 CPU tensors per tensor otherwise: numpy on the host (no
+  torch op dispatch, float32 arithmetic identical to torch's);
 - ``torch``: vectorised torch ops on any other tensor;
 - ``reference``: ``TQUANT_BACKEND=reference``, the eager reference with autograd through it.
 """
@@ -31,6 +34,8 @@ Lanes (chosen when the call is planned):
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -46,7 +51,10 @@ from .reference import (
     update_range_reference,
 )
 
-__all__ = ["QuantizerCall", "quantizer_call"]
+__all__ = ["QuantizerCall", "host_lane_status", "quantizer_call"]
+
+USE_NUMBA = os.environ.get("TQUANT_NUMBA", "1").strip() != "0"
+"""Whether small fp32 CPU tensors take the ``numba`` lane when numba imports (``TQUANT_NUMBA=0``: no)."""
 
 
 class QuantizerCall:
@@ -176,7 +184,7 @@ class _HostCall(QuantizerCall):
     def _update(self, xn, d_v, z_v, s_v, rmin_v, rmax_v):
         """New range and parameters into the views; returns the fake-quant constants."""
         if xn.size:
-            lo, hi = F32(xn.min()), F32(xn.max())
+            lo, hi = F32(xn.min() + 0.0), F32(xn.max() + 0.0)  # a zero extreme is +0.0
         else:
             lo, hi = F32(math.inf), F32(-math.inf)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf in the batch: the masked min/max
@@ -206,6 +214,99 @@ class _HostCall(QuantizerCall):
 
     def masked(self, x, delta, zero_float, signed):
         return self._masked(x, x.detach(), self._fixed_consts(delta, zero_float, signed))
+
+
+class _NumbaCall(_HostCall):
+    """The host lane's contract on contiguous fp32 tensors, each call one compiled kernel
+    (``host_jit``): the range update, the parameters and the fake quantization (with the mask)
+    in two passes over ``x``. With autograd, ``out = x * mask`` is made first, from a zeroed
+    mask (an empty one could hold subnormal garbage, which makes the multiply several times
+    slower), and the kernel then writes the mask (which that node saved) and the values of
+    ``out`` in place, through numpy views: nothing bumps a version counter, nothing is copied."""
+
+    lane = "numba"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        from . import host_jit
+
+        self._train_kernel, self._fake_quant_kernel = host_jit.train_kernel, host_jit.fake_quant_kernel
+
+    def train(self, x):
+        xd = x.detach()
+        d_v, z_v, s_v, rmin_v, rmax_v = self._state(*self.tensors())
+        args = (d_v, z_v, s_v, rmin_v, rmax_v, self.n_bits, self.symmetric, self.estimator, self.momentum)
+        if x.requires_grad and torch.is_grad_enabled():
+            mask = torch.zeros_like(xd)
+            out = torch.mul(x, mask)  # a native node that saves only the mask; both are written below
+            self._train_kernel(xd.numpy().reshape(-1), out.detach().numpy().reshape(-1), mask.numpy().reshape(-1),
+                               *args)
+            return out
+        y = torch.empty_like(xd)
+        self._train_kernel(xd.numpy().reshape(-1), y.numpy().reshape(-1), _NO_MASK, *args)
+        return y
+
+    def forward(self, x, delta, zero_float, signed, with_mask):
+        xd = x.detach()
+        y = torch.empty_like(xd)
+        mask = torch.empty(x.shape, dtype=torch.bool) if with_mask else None
+        self._fake_quant_kernel(xd.numpy().reshape(-1), y.numpy().reshape(-1),
+                                _NO_MASK if mask is None else mask.numpy().reshape(-1),
+                                *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
+        return y, mask
+
+    def masked(self, x, delta, zero_float, signed):
+        xd = x.detach()
+        mask = torch.zeros_like(xd)
+        out = torch.mul(x, mask)  # as in train: the kernel writes the saved mask and out's values
+        self._fake_quant_kernel(xd.numpy().reshape(-1), out.detach().numpy().reshape(-1), mask.numpy().reshape(-1),
+                                *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
+        return out
+
+    def _params(self, delta, zero_float, signed):
+        """Numpy views of the given parameter tensors (the cached ones while they are the module's)."""
+        return self._state(delta, zero_float, signed, *self.tensors()[3:])[:3]
+
+
+_NO_MASK = np.empty(0, np.float32)
+
+
+def _numba_ready() -> bool:
+    """Whether the ``numba`` lane can run: enabled, numba imports and its kernels compile (once per
+    process; a failure warns once and leaves the numpy ``host`` lane in charge)."""
+    global _NUMBA_OK
+    if not USE_NUMBA:
+        return False
+    if _NUMBA_OK is None:
+        try:
+            from . import host_jit
+
+            x, s = np.zeros(1, np.float32), np.zeros((), np.bool_)
+            f = [np.full((), math.nan, np.float32) for _ in range(4)]
+            host_jit.train_kernel(x, x.copy(), x.copy(), f[0], f[1], s, f[2], f[3], 8, True, 2, 0.9)
+            host_jit.fake_quant_kernel(x, x.copy(), x.copy(), f[0], f[1], s, 8, True)
+            _NUMBA_OK = True
+        except ImportError:
+            _NUMBA_OK = False
+        except Exception as exc:  # a numba that cannot compile here: the numpy lane is as exact
+            warnings.warn(f"tquant: numba cannot compile the host kernels ({type(exc).__name__}: {exc}); "
+                          "small CPU tensors take the numpy host lane", RuntimeWarning, stacklevel=3)
+            _NUMBA_OK = False
+    return _NUMBA_OK
+
+
+_NUMBA_OK: bool | None = None
+
+
+def host_lane_status() -> str:
+    """One line on how small fp32 CPU quantizer calls run here (for ``tquant selfcheck``)."""
+    if _numba_ready():
+        import numba
+
+        return f"numba {numba.__version__} (one compiled kernel per call)"
+    if not USE_NUMBA:
+        return "numpy (TQUANT_NUMBA=0)"
+    return "numpy (pip install 'tquant[cpu]' for numba: one compiled kernel per call)"
 
 
 class _TritonCall(QuantizerCall):
@@ -304,4 +405,6 @@ def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, est
         return _TritonCall(x, *args)
     if impl == "reference":
         return _ReferenceCall(*args)
-    return _HostCall(*args) if host_lane_fits(x, axis) else _TorchCall(*args)
+    if not host_lane_fits(x, axis):
+        return _TorchCall(*args)
+    return _NumbaCall(*args) if x.dtype == torch.float32 and _numba_ready() else _HostCall(*args)

@@ -65,7 +65,7 @@ def _batch_minmax_torch(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
     if xd.numel() == 0 or rows == 0:
         return batch_minmax_reference(xd, axis)
     bmin, bmax = torch.aminmax(_flat(xd)) if axis < 0 else torch.aminmax(xd.reshape(rows, -1), dim=1)
-    bmin, bmax = bmin.float(), bmax.float()
+    bmin, bmax = bmin.float() + 0.0, bmax.float() + 0.0  # a zero extreme is +0.0, as in the reference
     if xd.device.type == "cpu":
         # On the CPU a value check costs no device round trip: pay the masked pass only if needed.
         if np.isfinite(bmin.numpy()).all() and np.isfinite(bmax.numpy()).all():
@@ -203,14 +203,14 @@ def _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_b
     xd = x.detach()
     if xd.numel():
         lo_t, hi_t = torch.aminmax(_flat(xd))
-        lo, hi = F32(lo_t.item()), F32(hi_t.item())
+        lo, hi = F32(lo_t.item() + 0.0), F32(hi_t.item() + 0.0)  # a zero extreme is +0.0
     else:
         lo, hi = F32(math.inf), F32(-math.inf)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo_t, hi_t = batch_minmax_reference(xd, -1)
         lo, hi = F32(lo_t.item()), F32(hi_t.item())
-    old_lo = F32(math.nan) if first else F32(range_min.item())
-    lo, hi = update_range_f32(lo, hi, old_lo, F32(range_max.item()), estimator, momentum)
+    old_lo, old_hi = (F32(math.nan), F32(math.nan)) if first else (F32(range_min.item()), F32(range_max.item()))
+    lo, hi = update_range_f32(lo, hi, old_lo, old_hi, estimator, momentum)
     d, z, s = qparams_f32(lo, hi, n_bits, symmetric)
     range_min.fill_(float(lo))
     range_max.fill_(float(hi))

@@ -148,6 +148,8 @@ def batch_minmax_reference(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tenso
 
     Non-finite values (NaN, +-Inf) are ignored; a tensor or channel with no finite value gives
     ``(+inf, -inf)``, which the range update and ``qparams_from_range`` turn into a safe range.
+    A zero extreme is +0.0 (``+ 0.0``): which of -0.0 / +0.0 a min/max reduction returns depends on
+    its order, so every path makes it the same.
     """
     xf = x.detach().float()
     rows = 1 if axis < 0 else x.shape[0]
@@ -158,8 +160,8 @@ def batch_minmax_reference(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tenso
         bmin = inf.expand(flat.shape[0]).clone()
         bmax = (-inf).expand(flat.shape[0]).clone()
     else:
-        bmin = torch.where(finite, flat, inf).amin(dim=1)
-        bmax = torch.where(finite, flat, -inf).amax(dim=1)
+        bmin = torch.where(finite, flat, inf).amin(dim=1) + 0.0
+        bmax = torch.where(finite, flat, -inf).amax(dim=1) + 0.0
     if axis < 0:
         return bmin[0], bmax[0]
     return bmin, bmax

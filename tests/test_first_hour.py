@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import pathlib
 import re
@@ -87,7 +88,10 @@ def test_license_and_metadata():
 def test_selfcheck_is_documented_and_passes(capsys):
     assert "tquant selfcheck" in README
     assert cli.main(["selfcheck"]) == 0
-    assert "  cpu: ok (" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  cpu: ok (" in out
+    lane = "numba " if importlib.util.find_spec("numba") else "numpy ("
+    assert f"  small CPU quantizer calls: {lane}" in out
 
 
 # -- missing extras ----------------------------------------------------------------------------
