@@ -118,6 +118,7 @@ def environment(device: torch.device | str, warn: bool = True) -> dict:
         "torch": torch.__version__,
         "tquant": tquant_version,
         "triton": triton_version,
+        "cpu_host_lane": _host_lane_status() if device.type == "cpu" else None,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -130,6 +131,13 @@ def environment(device: torch.device | str, warn: bool = True) -> dict:
         if busy:
             print(f"warning: {text}", file=sys.stderr)
     return env
+
+
+def _host_lane_status() -> str:
+    """How tquant runs small CPU quantizer calls here (numba or numpy), for the record."""
+    from tquant.kernels.quantizer_call import host_lane_status
+
+    return host_lane_status()
 
 
 # -- machine load ------------------------------------------------------------------------------
@@ -474,7 +482,7 @@ def environment_markdown(env: dict) -> str:
     """The metadata of a run as a markdown bullet list; a busy machine's warning comes first, in bold."""
     finish_environment(env)
     keys = (
-        "device", "torch", "tquant", "triton", "python", "threads", "cpu_count", "cpus_usable", "date",
+        "device", "torch", "tquant", "triton", "cpu_host_lane", "python", "threads", "cpu_count", "cpus_usable", "date",
         "loadavg_1m", "loadavg_1m_end",
     )
     lines = [f"- {k}: {env.get(k)}" for k in keys if env.get(k) is not None]

@@ -222,44 +222,43 @@ class _NumbaCall(_HostCall):
     in two passes over ``x``. With autograd, ``out = x * mask`` is made first, from a zeroed
     mask (an empty one could hold subnormal garbage, which makes the multiply several times
     slower), and the kernel then writes the mask (which that node saved) and the values of
-    ``out`` in place, through numpy views: nothing bumps a version counter, nothing is copied."""
+    ``out`` in place, through numpy views: nothing bumps a version counter, nothing is copied.
+    The arrays the kernels get are flat views (``ravel`` of a contiguous array)."""
 
     lane = "numba"
 
-    def __init__(self, *args):
+    def __init__(self, x: torch.Tensor, *args):
         super().__init__(*args)
         from . import host_jit
 
         self._train_kernel, self._fake_quant_kernel = host_jit.train_kernel, host_jit.fake_quant_kernel
+        self._shape = tuple(x.shape)
 
     def train(self, x):
-        xd = x.detach()
         d_v, z_v, s_v, rmin_v, rmax_v = self._state(*self.tensors())
-        args = (d_v, z_v, s_v, rmin_v, rmax_v, self.n_bits, self.symmetric, self.estimator, self.momentum)
+        xn = x.numpy(force=True).ravel()
         if x.requires_grad and torch.is_grad_enabled():
-            mask = torch.zeros_like(xd)
-            out = torch.mul(x, mask)  # a native node that saves only the mask; both are written below
-            self._train_kernel(xd.numpy().reshape(-1), out.detach().numpy().reshape(-1), mask.numpy().reshape(-1),
-                               *args)
+            mask = np.zeros(self._shape, np.float32)
+            out = torch.mul(x, torch.from_numpy(mask))  # a native node that saves only the mask; both written below
+            self._train_kernel(xn, out.numpy(force=True).ravel(), mask.ravel(), d_v, z_v, s_v, rmin_v, rmax_v,
+                               self.n_bits, self.symmetric, self.estimator, self.momentum)
             return out
-        y = torch.empty_like(xd)
-        self._train_kernel(xd.numpy().reshape(-1), y.numpy().reshape(-1), _NO_MASK, *args)
-        return y
+        y = np.empty(self._shape, np.float32)
+        self._train_kernel(xn, y.ravel(), _NO_MASK, d_v, z_v, s_v, rmin_v, rmax_v, self.n_bits, self.symmetric,
+                           self.estimator, self.momentum)
+        return torch.from_numpy(y)
 
     def forward(self, x, delta, zero_float, signed, with_mask):
-        xd = x.detach()
-        y = torch.empty_like(xd)
-        mask = torch.empty(x.shape, dtype=torch.bool) if with_mask else None
-        self._fake_quant_kernel(xd.numpy().reshape(-1), y.numpy().reshape(-1),
-                                _NO_MASK if mask is None else mask.numpy().reshape(-1),
+        y = np.empty(self._shape, np.float32)
+        mask = np.empty(self._shape, np.bool_) if with_mask else None
+        self._fake_quant_kernel(x.numpy(force=True).ravel(), y.ravel(), _NO_MASK if mask is None else mask.ravel(),
                                 *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
-        return y, mask
+        return torch.from_numpy(y), (None if mask is None else torch.from_numpy(mask))
 
     def masked(self, x, delta, zero_float, signed):
-        xd = x.detach()
-        mask = torch.zeros_like(xd)
-        out = torch.mul(x, mask)  # as in train: the kernel writes the saved mask and out's values
-        self._fake_quant_kernel(xd.numpy().reshape(-1), out.detach().numpy().reshape(-1), mask.numpy().reshape(-1),
+        mask = np.zeros(self._shape, np.float32)
+        out = torch.mul(x, torch.from_numpy(mask))  # as in train: the kernel writes the saved mask and out's values
+        self._fake_quant_kernel(x.numpy(force=True).ravel(), out.numpy(force=True).ravel(), mask.ravel(),
                                 *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
         return out
 
@@ -407,4 +406,4 @@ def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, est
         return _ReferenceCall(*args)
     if not host_lane_fits(x, axis):
         return _TorchCall(*args)
-    return _NumbaCall(*args) if x.dtype == torch.float32 and _numba_ready() else _HostCall(*args)
+    return _NumbaCall(x, *args) if x.dtype == torch.float32 and _numba_ready() else _HostCall(*args)
