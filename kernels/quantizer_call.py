@@ -51,7 +51,7 @@ from .reference import (
     update_range_reference,
 )
 
-__all__ = ["QuantizerCall", "host_lane_status", "quantizer_call"]
+__all__ = ["QuantizerCall", "host_lane_status", "numba_lane_ready", "quantizer_call"]
 
 USE_NUMBA = os.environ.get("TQUANT_NUMBA", "1").strip() != "0"
 """Whether small fp32 CPU tensors take the ``numba`` lane when numba imports (``TQUANT_NUMBA=0``: no)."""
@@ -270,7 +270,7 @@ class _NumbaCall(_HostCall):
 _NO_MASK = np.empty(0, np.float32)
 
 
-def _numba_ready() -> bool:
+def numba_lane_ready() -> bool:
     """Whether the ``numba`` lane can run: enabled, numba imports and its kernels compile (once per
     process; a failure warns once and leaves the numpy ``host`` lane in charge)."""
     global _NUMBA_OK
@@ -299,7 +299,7 @@ _NUMBA_OK: bool | None = None
 
 def host_lane_status() -> str:
     """One line on how small fp32 CPU quantizer calls run here (for ``tquant selfcheck``)."""
-    if _numba_ready():
+    if numba_lane_ready():
         import numba
 
         return f"numba {numba.__version__} (one compiled kernel per call)"
@@ -406,4 +406,4 @@ def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, est
         return _ReferenceCall(*args)
     if not host_lane_fits(x, axis):
         return _TorchCall(*args)
-    return _NumbaCall(x, *args) if x.dtype == torch.float32 and _numba_ready() else _HostCall(*args)
+    return _NumbaCall(x, *args) if x.dtype == torch.float32 and numba_lane_ready() else _HostCall(*args)

@@ -9,7 +9,6 @@ including batches with NaN/inf and the first, initialising step.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -30,7 +29,8 @@ from helpers import assert_bits_equal
 
 ESTIMATORS = [tquant.RangeEstimators.current_minmax, tquant.RangeEstimators.allminmax,
               tquant.RangeEstimators.running_minmax]
-HAS_NUMBA = importlib.util.find_spec("numba") is not None
+HAS_NUMBA = QC.numba_lane_ready()
+"""numba imports and compiles the host kernels here (else its tests skip, and the numpy lane runs)."""
 STATE_NAMES = ("delta", "zero_float", "signed", "range_min", "range_max")
 HOST_LANES = (["numba"] if HAS_NUMBA else []) + ["host"]
 LANES = HOST_LANES + ["torch"] + (["triton"] if HAS_TRITON and (INTERPRET or torch.cuda.is_available()) else [])
@@ -163,7 +163,7 @@ def in_grid(x, delta, zero_float, signed, n_bits, symmetric):
     return (v >= qmin) & (v <= qmax)
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+@pytest.mark.skipif(not HAS_NUMBA, reason="the numba lane is off here (numba missing, or TQUANT_NUMBA=0)")
 @settings(max_examples=300, deadline=None)
 @given(values=st.lists(float32s, max_size=40), ties=st.lists(st.integers(-300, 300), max_size=8),
        old=st.one_of(st.just((math.nan, math.nan)), st.tuples(float32s, float32s)),
