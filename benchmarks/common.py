@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from tquant.kernels.quantizer_call import host_lane_status
+
 RESULTS_ROOT = Path("tquant-bench-results")
 """Where results go without ``--out``: ``./tquant-bench-results/<device>/``, relative to the
 working directory of the run (never the committed ``benchmarks/results/``, never site-packages)."""
@@ -118,7 +120,7 @@ def environment(device: torch.device | str, warn: bool = True) -> dict:
         "torch": torch.__version__,
         "tquant": tquant_version,
         "triton": triton_version,
-        "cpu_host_lane": _host_lane_status() if device.type == "cpu" else None,
+        "cpu_host_lane": host_lane_status() if device.type == "cpu" else None,  # numba or numpy
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -131,13 +133,6 @@ def environment(device: torch.device | str, warn: bool = True) -> dict:
         if busy:
             print(f"warning: {text}", file=sys.stderr)
     return env
-
-
-def _host_lane_status() -> str:
-    """How tquant runs small CPU quantizer calls here (numba or numpy), for the record."""
-    from tquant.kernels.quantizer_call import host_lane_status
-
-    return host_lane_status()
 
 
 # -- machine load ------------------------------------------------------------------------------
