@@ -41,6 +41,7 @@ __all__ = [
     "group_fake_quant_triton",
     "group_minmax_triton",
     "group_range_grads_triton",
+    "group_train_triton",
     "group_update_range_triton",
 ]
 
@@ -62,16 +63,42 @@ def _group_tile(q, t, NG, K, L, Q):
 
 
 @triton.jit
+def _symmetric_delta(p_rmin, p_rmax, p_signed, q, qmask, full, half):
+    """Symmetric ``delta = max(|x_min|, x_max) / qmax`` of groups ``q`` from their range (after the clamp)."""
+    x_min = _minimum(tl.load(p_rmin + q, mask=qmask, other=0.0), 0.0)
+    x_max = _maximum(tl.load(p_rmax + q, mask=qmask, other=0.0), 1e-8)
+    qmax = tl.where(tl.load(p_signed) != 0, half - 1.0, full)
+    return tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax)
+
+
+@triton.jit
 def _group_fake_quant_kernel(
-    p_x, p_y, p_mask, p_delta, p_zf, p_signed,
+    p_x, p_y, p_mask, p_delta, p_zf, p_signed, p_rmin, p_rmax,
     Q, NG, K, L, full, half,
-    SYMMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, FROM_RANGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One ``[BLOCK_G, BLOCK_T]`` tile of ``y = scale * (clamp(round(x / scale) + zp, qmin, qmax) - zp)``."""
+    """One ``[BLOCK_G, BLOCK_T]`` tile of ``y = scale * (clamp(round(x / scale) + zp, qmin, qmax) - zp)``.
+
+    ``FROM_RANGE`` (symmetric, in a training forward): ``delta`` is computed here from the range the range
+    kernel just wrote and ``signed``, and the programs of the first column chunk store it (and
+    ``zero_float = 0``): the symmetric update's second launch, fused into this one.
+    """
     q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     offs, m = _group_tile(q, t, NG, K, L, Q)
-    scale, zp, qmin, qmax = _qparams(p_delta, p_zf, p_signed, q, q < Q, full, half, SYMMETRIC, True)
+    if FROM_RANGE:
+        delta = _symmetric_delta(p_rmin, p_rmax, p_signed, q, q < Q, full, half)
+        if tl.program_id(1) == 0:
+            tl.store(p_delta + q, delta, mask=q < Q)
+            tl.store(p_zf + q, tl.zeros([BLOCK_G], dtype=tl.float32), mask=q < Q)
+        signed = tl.load(p_signed) != 0
+        scale = tl.where(delta < 1e-8, 1e-8, delta)[:, None]
+        zp = 0.0
+        qmin = tl.where(signed, -half, 0.0)
+        qmax = tl.where(signed, half - 1.0, full)
+    else:
+        scale, zp, qmin, qmax = _qparams(p_delta, p_zf, p_signed, q, q < Q, full, half, SYMMETRIC, True)
     x = tl.load(p_x + offs, mask=m, other=0.0).to(tl.float32)
     v = _round_half_even(tl.math.div_rn(x, scale)) + zp
     y = scale * (_clamp(v, qmin, qmax) - zp)
@@ -148,13 +175,10 @@ def _group_range_kernel(
 @triton.jit
 def _group_symmetric_qparams_kernel(p_rmin, p_rmax, p_delta, p_zf, p_signed, Q, full, half,
                                     BLOCK: tl.constexpr):
-    """Symmetric ``delta = max(|x_min|, x_max) / qmax`` per group, once ``signed`` is known; ``zero_float = 0``."""
+    """Symmetric ``delta`` per group, once ``signed`` is known; ``zero_float = 0``."""
     q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     qmask = q < Q
-    x_min = _minimum(tl.load(p_rmin + q, mask=qmask, other=0.0), 0.0)
-    x_max = _maximum(tl.load(p_rmax + q, mask=qmask, other=0.0), 1e-8)
-    qmax = tl.where(tl.load(p_signed) != 0, half - 1.0, full)
-    tl.store(p_delta + q, tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax), mask=qmask)
+    tl.store(p_delta + q, _symmetric_delta(p_rmin, p_rmax, p_signed, q, qmask, full, half), mask=qmask)
     tl.store(p_zf + q, tl.zeros([BLOCK], dtype=tl.float32), mask=qmask)
 
 
@@ -225,9 +249,13 @@ def _u8(signed: torch.Tensor) -> torch.Tensor:
 
 
 def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric: bool, group_len: int,
-                            with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            with_mask: bool, ranges: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``group_fake_quant`` in one launch: ``(y, mask)``, both contiguous in ``x``'s shape (mask empty
-    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference."""
+    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference.
+
+    ``ranges=(range_min, range_max)`` (symmetric): compute ``delta`` from them and ``signed`` and write it
+    (and ``zero_float``) on the way, as :func:`group_update_range_triton` would (see :func:`group_train_triton`).
+    """
     xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant")
     full, half = _grid_consts(n_bits)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -236,12 +264,13 @@ def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric
     if q and k:
         block_g, block_t, warps = _blocks(q, group_len)
         grid = (triton.cdiv(q, block_g), triton.cdiv(group_len, block_t))
+        rmin, rmax = ranges if ranges is not None else (delta, delta)
         with _device_ctx(x):
             _group_fake_quant_kernel[grid](
-                xr, y, mask.view(torch.uint8) if with_mask else y, delta.contiguous(), zero_float.contiguous(),
-                _u8(signed), q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), BLOCK_G=block_g, BLOCK_T=block_t,
-                num_warps=warps, **_launch_opts(),
+                xr, y, mask.view(torch.uint8) if with_mask else y, delta, zero_float, _u8(signed), rmin, rmax,
+                q, ng, k, group_len, full, half,
+                SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), FROM_RANGE=ranges is not None,
+                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_launch_opts(),
             )
     return y, mask
 
@@ -273,9 +302,11 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 
 def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
-                              group_len: int, estimator: int, momentum: float, first: bool) -> None:
+                              group_len: int, estimator: int, momentum: float, first: bool,
+                              qparams: bool = True) -> None:
     """``group_update_range`` (see ``group_quant.py``): one launch (asymmetric) or two (symmetric), no host
-    synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim)."""
+    synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim).
+    ``qparams=False`` leaves a symmetric ``delta`` to the fake-quant launch that follows (``group_train_triton``)."""
     xr, c, k, ng = _as_rows(x.detach(), group_len, "group_update_range")
     full, half = _grid_consts(n_bits)
     if estimator not in (ESTIMATOR_CURRENT, ESTIMATOR_ALL, ESTIMATOR_RUNNING):
@@ -302,11 +333,22 @@ def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed
             SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
             **_launch_opts(),
         )
-        if symmetric:
+        if symmetric and qparams:
             block = min(_next_pow2(q), 1024)
             _group_symmetric_qparams_kernel[(triton.cdiv(q, block),)](
                 range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_launch_opts(),
             )
+
+
+def group_train_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
+                       group_len: int, estimator: int, momentum: float, with_mask: bool):
+    """A training forward in two launches: the range update, then the fake quantization (which, symmetric,
+    also computes and stores ``delta``). Returns ``(y, mask)`` as :func:`group_fake_quant_triton`; the state is
+    what ``group_update_range`` leaves, bit for bit."""
+    group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
+                              estimator, momentum, False, qparams=not symmetric)
+    return group_fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask,
+                                   (range_min, range_max) if symmetric else None)
 
 
 def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, symmetric: bool,

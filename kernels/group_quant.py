@@ -320,10 +320,32 @@ class GroupCall:
                                self.group_len, self.estimator, self.momentum, False)
 
     def train(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lane == "triton":  # two launches (range, then fake quant), gradient grad * mask
+            return _GroupTrainTriton.apply(x, self, torch.is_grad_enabled() and x.requires_grad)
         self.update(x)
         return self.fixed(x)
 
     def fixed(self, x: torch.Tensor) -> torch.Tensor:
         delta, zero_float, signed = self.params()
         return group_fake_quant(x, delta, zero_float, signed, self.n_bits, self.symmetric, self.group_len)
+
+
+class _GroupTrainTriton(torch.autograd.Function):
+    """A training forward with range estimation on the Triton lane (``group_train_triton``); saves the mask.
+    (Ranges are never learned while they are estimated, so ``x`` is the only input with a gradient.)"""
+
+    @staticmethod
+    def forward(ctx, x, call, with_mask):
+        from ._triton_group import group_train_triton
+
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = call.state
+        y, mask = group_train_triton(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], call.n_bits, call.symmetric,
+                                     call.group_len, call.estimator, call.momentum, with_mask)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
 

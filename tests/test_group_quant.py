@@ -25,6 +25,7 @@ from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 
 from helpers import assert_bits_equal
+from test_launches import launches  # noqa: F401  (the fixture that records Triton launches)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -352,3 +353,40 @@ def test_export_traces_the_group_op():
     x = inputs()
     for a, b in zip(exported.module()(*x), qnet(*x)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_triton_launches_per_call(launches, symmetric):
+    """Training forward with range estimation: two launches (symmetric: the second also computes delta);
+    backward: none (``grad * mask``); fixed ranges: one; learned ranges' backward: one reduction."""
+    qmethod = tquant.QMethods.symmetric_uniform if symmetric else tquant.QMethods.asymmetric_uniform
+    qm = tquant.QuantizationManager(qmethod, tquant.RangeEstimators.running_minmax, n_channels=6,
+                                    qparams={"n_bits": 4, "group_size": 32, "weight_shape": (6, 100)})
+    x = torch.randn(6, 100, requires_grad=True)
+    qm(x)
+    launches.clear()
+    y = qm(x)
+    assert launches == ["_group_range_kernel", "_group_fake_quant_kernel"], launches
+    want = torch.full((6, 4), math.nan), torch.full((6, 4), math.nan)
+    ref_state = [*want, torch.zeros(6, 4), torch.zeros(6, 4), torch.zeros((), dtype=torch.bool)]
+    with K.use_backend("reference"):
+        for _ in range(2):
+            G.group_update_range(x, *ref_state, 4, symmetric, 32, K.ESTIMATOR_RUNNING, 0.9, False)
+    q = qm.quantizer
+    got = (qm.range_estimator.current_xmin, qm.range_estimator.current_xmax, q._delta, q._zero_float, q._signed)
+    for have, ref in zip(got, ref_state):
+        assert_bits_equal(have, ref, "state after the fused training forward")
+    assert_bits_equal(y, GR.group_fake_quant_reference(x, *ref_state[2:], 4, symmetric, 32), "y")
+    launches.clear()
+    y.sum().backward()
+    assert launches == []
+    qm.fix_ranges()
+    launches.clear()
+    qm(x)
+    assert launches == ["_group_fake_quant_kernel"]
+    qm.learn_ranges()
+    y = qm(x)
+    launches.clear()
+    y.sum().backward()
+    assert launches == ["_group_range_grads_kernel"]
