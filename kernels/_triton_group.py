@@ -243,8 +243,8 @@ def _grid_consts(n_bits: int) -> tuple[float, float]:
 
 
 def _u8(signed: torch.Tensor) -> torch.Tensor:
-    if signed.dtype != torch.bool or signed.dim() != 0:
-        raise ValueError(f"signed must be a 0-dim bool tensor, got {signed.dtype} of shape {tuple(signed.shape)}")
+    if signed.dtype != torch.bool or signed.numel() != 1:
+        raise ValueError(f"signed must be a one-element bool tensor, got {signed.dtype} of shape {tuple(signed.shape)}")
     return signed.view(torch.uint8)
 
 

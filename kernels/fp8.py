@@ -45,7 +45,8 @@ def _check(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int) -> None:
     want = (x.shape[0],) if axis == 0 and x.dim() else ()
     if axis == 0 and x.dim() == 0:
         raise ValueError("fp8 quantization: per-channel scales (axis=0) need x.dim() >= 1")
-    if tuple(delta.shape) != want or delta.device != x.device:
+    per_tensor_ok = axis < 0 and tuple(delta.shape) in ((), (1,))  # 0-dim, or [1] (sharded state)
+    if (tuple(delta.shape) != want and not per_tensor_ok) or delta.device != x.device:
         raise ValueError(
             f"fp8 quantization: delta of shape {tuple(delta.shape)} on {delta.device} does not match x of shape "
             f"{tuple(x.shape)} on {x.device} with axis={axis} (expected {want})"
@@ -62,7 +63,8 @@ def like_empty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _fp8_fake_quant_torch(x, delta, fmt, axis, with_mask):
     top = fp8_max(fmt)
-    s = param_view(torch.clamp(delta.float(), min=EPS), x, axis)
+    scale = torch.clamp(delta.float(), min=EPS)
+    s = param_view(scale, x, axis) if axis >= 0 else scale.reshape(())
     v = torch.div(x.float(), s)
     mask = like_empty(x, (v >= -top) & (v <= top)) if with_mask else x.new_empty(0, dtype=torch.bool)
     c = v.clamp_(-top, top).to(FP8_DTYPES[fmt]).float()
