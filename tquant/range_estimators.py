@@ -48,6 +48,7 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
         shape = (n_channels,) if self.per_channel and n_channels is not None else ()
         self.register_buffer("current_xmin", torch.full(shape, math.nan))
         self.register_buffer("current_xmax", torch.full(shape, math.nan))
+        self._register_workspace(shape, None)
         self.axis = axis
         self.n_groups = n_groups
         self.per_group_range_estimation = False
@@ -99,6 +100,14 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
             )
         self.current_xmin = torch.full(shape, math.nan, device=device)
         self.current_xmax = torch.full(shape, math.nan, device=device)
+        self._register_workspace(shape, device)
+
+    def _register_workspace(self, shape: tuple, device) -> None:
+        """The scratch buffers of the one-launch Triton range update (``kernels.range_workspace``), made
+        with the range buffers so they exist before any CUDA-graph capture; not saved in ``state_dict``."""
+        workspace, arrivals = kernels.range_workspace(shape[0] if shape else 1, device)
+        self.register_buffer("_workspace", workspace, persistent=False)
+        self.register_buffer("_arrivals", arrivals, persistent=False)
 
     def _minmax_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bmin, bmax = kernels.batch_minmax(x.detach(), self.kernel_axis)
