@@ -19,6 +19,7 @@ from .range_update import (
     ESTIMATOR_RUNNING,
     batch_minmax,
     finalize_range,
+    range_workspace,
     update_range,
 )
 from .reference import EPS, qparams_from_range
@@ -42,6 +43,7 @@ __all__ = [
     "group_update_range",
     "qdq",
     "qparams_from_range",
+    "range_workspace",
     "reference",
     "set_backend",
     "update_range",

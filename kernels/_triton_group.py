@@ -15,7 +15,7 @@ device flag with an atomic max and the last program to arrive (an arrival counte
 ``delta``. ``group_fake_quant`` is one launch; its LSQ gradients one more.
 
 Numerics are the reference's bit for bit (``tl.math.div_rn``, the portable round half to even, NaN-
-and signed-zero-faithful min/max/clamp from ``_triton_fake_quant``, no FMA contraction).
+and signed-zero-faithful min/max/clamp from ``_triton_math``, no FMA contraction).
 """
 
 from __future__ import annotations
@@ -23,16 +23,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from ._triton_fake_quant import (
-    _clamp,
-    _device_ctx,
-    _launch_opts,
-    _maximum,
-    _minimum,
-    _next_pow2,
-    _qparams,
-    _round_half_even,
-)
+from ._triton_math import _clamp, _maximum, _minimum, _qparams, _round_half_even
+from ._triton_plan import LAUNCH_OPTS, _next_pow2, device_ctx
 from ._triton_range import _ema
 from .group_reference import group_shape
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
@@ -265,12 +257,12 @@ def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric
         block_g, block_t, warps = _blocks(q, group_len)
         grid = (triton.cdiv(q, block_g), triton.cdiv(group_len, block_t))
         rmin, rmax = ranges if ranges is not None else (delta, delta)
-        with _device_ctx(x):
+        with device_ctx(x):
             _group_fake_quant_kernel[grid](
                 xr, y, mask.view(torch.uint8) if with_mask else y, delta, zero_float, _u8(signed), rmin, rmax,
                 q, ng, k, group_len, full, half,
                 SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), FROM_RANGE=ranges is not None,
-                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_launch_opts(),
+                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS,
             )
     return y, mask
 
@@ -283,9 +275,9 @@ def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, 
     q = c * ng
     if q:
         block_g, block_t, warps = _blocks(q, group_len)
-        with _device_ctx(x):
+        with device_ctx(x):
             _group_minmax_kernel[(triton.cdiv(q, block_g),)](xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g,
-                                                               BLOCK_T=block_t, num_warps=warps, **_launch_opts())
+                                                               BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS)
     return bmin, bmax
 
 
@@ -303,10 +295,11 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
                               group_len: int, estimator: int, momentum: float, first: bool,
-                              qparams: bool = True) -> None:
+                              qparams: bool = True, workspace: torch.Tensor | None = None) -> None:
     """``group_update_range`` (see ``group_quant.py``): one launch (asymmetric) or two (symmetric), no host
     synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim).
-    ``qparams=False`` leaves a symmetric ``delta`` to the fake-quant launch that follows (``group_train_triton``)."""
+    ``qparams=False`` leaves a symmetric ``delta`` to the fake-quant launch that follows (``group_train_triton``);
+    ``workspace``: the quantizer's int32 ``[2]`` (zeros between launches), else one per device."""
     xr, c, k, ng = _as_rows(x.detach(), group_len, "group_update_range")
     full, half = _grid_consts(n_bits)
     if estimator not in (ESTIMATOR_CURRENT, ESTIMATOR_ALL, ESTIMATOR_RUNNING):
@@ -322,31 +315,33 @@ def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed
     signed_u8 = _u8(signed)
     block_g, block_t, warps = _blocks(q, group_len)
     n_programs = triton.cdiv(q, block_g)
-    with _device_ctx(x):
+    with device_ctx(x):
         if q == 0:
             if symmetric:
                 signed.fill_(False)
             return
         _group_range_kernel[(n_programs,)](
-            xr, range_min, range_max, delta, zero_float, signed_u8, _workspace(x.device),
+            xr, range_min, range_max, delta, zero_float, signed_u8,
+            _workspace(x.device) if workspace is None else workspace,
             q, ng, k, group_len, n_programs, 1.0 - momentum, momentum, full,
             SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
-            **_launch_opts(),
+            **LAUNCH_OPTS,
         )
         if symmetric and qparams:
             block = min(_next_pow2(q), 1024)
             _group_symmetric_qparams_kernel[(triton.cdiv(q, block),)](
-                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_launch_opts(),
+                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **LAUNCH_OPTS,
             )
 
 
 def group_train_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
-                       group_len: int, estimator: int, momentum: float, with_mask: bool):
+                       group_len: int, estimator: int, momentum: float, with_mask: bool,
+                       workspace: torch.Tensor | None = None):
     """A training forward in two launches: the range update, then the fake quantization (which, symmetric,
     also computes and stores ``delta``). Returns ``(y, mask)`` as :func:`group_fake_quant_triton`; the state is
     what ``group_update_range`` leaves, bit for bit."""
     group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
-                              estimator, momentum, False, qparams=not symmetric)
+                              estimator, momentum, False, qparams=not symmetric, workspace=workspace)
     return group_fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask,
                                    (range_min, range_max) if symmetric else None)
 
@@ -364,10 +359,10 @@ def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, sy
     q = c * ng
     if q:
         block_g, block_t, warps = _blocks(q, group_len)
-        with _device_ctx(x):
+        with device_ctx(x):
             _group_range_grads_kernel[(triton.cdiv(q, block_g),)](
                 grad.reshape(c, k).contiguous(), xr, delta.contiguous(), zero_float.contiguous(), _u8(signed),
                 grad_delta, grad_zf, q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_launch_opts(),
+                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS,
             )
     return grad_delta, grad_zf

@@ -193,8 +193,8 @@ class Fp8Call:
     """An FP8 quantizer's eager forward, planned once per input layout (as ``QuantizerCall``).
 
     ``state``: the ``(dict, key)`` pairs of ``delta``, ``zero_float``, ``signed``, ``range_min``,
-    ``range_max`` (``zero_float`` and ``signed`` are not used by FP8). ``train(x)``: range update and
-    ``delta``, then the fake quantization; ``fixed(x)``: the fake quantization alone.
+    ``range_max`` and the estimator's workspace (FP8 uses ``delta`` and the range only). ``train(x)``: the
+    range update and ``delta``, then the fake quantization; ``fixed(x)``: the fake quantization alone.
     """
 
     def __init__(self, x: torch.Tensor, fmt: str, axis: int, estimator: int | None, momentum: float, state):
@@ -206,7 +206,7 @@ class Fp8Call:
         self.state = state
 
     def update(self, x: torch.Tensor) -> None:
-        (d, kd), _, _, (lo, klo), (hi, khi) = self.state
+        (d, kd), _, _, (lo, klo), (hi, khi) = self.state[:5]
         _fp8_update_range_op(x.detach(), lo[klo], hi[khi], d[kd], self.fmt, self.axis, self.estimator,
                              self.momentum, False)
 

@@ -296,9 +296,10 @@ class GroupCall:
     """A group-wise quantizer's eager forward, planned once per input layout (as ``QuantizerCall``).
 
     ``state`` is the ``(dict, key)`` pairs of ``delta``, ``zero_float``, ``signed``, ``range_min``,
-    ``range_max`` (looked up at each call). ``train(x)``: the min/max estimators' update, then the fake
-    quantization (torch: one vectorised pass each; Triton: see ``_triton_group``); ``fixed(x)``: the
-    fake quantization alone (learned ranges get their gradients).
+    ``range_max`` and the estimator's workspace, int32 ``[2]`` (looked up at each call). ``train(x)``: the
+    min/max estimators' update, then the fake quantization (torch: a few vectorised passes; Triton: two
+    launches, ``group_train_triton``, saving the 1-byte mask); ``fixed(x)``: the fake quantization alone (one
+    launch; learned ranges get their gradients).
     """
 
     def __init__(self, x: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int | None,
@@ -315,7 +316,7 @@ class GroupCall:
         return d[kd], z[kz], s[ks]
 
     def update(self, x: torch.Tensor) -> None:
-        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state[:5]
         _group_update_range_op(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], self.n_bits, self.symmetric,
                                self.group_len, self.estimator, self.momentum, False)
 
@@ -338,9 +339,10 @@ class _GroupTrainTriton(torch.autograd.Function):
     def forward(ctx, x, call, with_mask):
         from ._triton_group import group_train_triton
 
-        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = call.state
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = call.state[:5]
+        work = call.state[5][0][call.state[5][1]] if len(call.state) > 5 else None
         y, mask = group_train_triton(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], call.n_bits, call.symmetric,
-                                     call.group_len, call.estimator, call.momentum, with_mask)
+                                     call.group_len, call.estimator, call.momentum, with_mask, work)
         ctx.save_for_backward(mask)
         return y
 

@@ -37,7 +37,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 if HAS_TRITON:
-    from tquant.kernels import _triton_fake_quant as FQ
+    from tquant.kernels import _triton_math as TM
     from tquant.kernels import _triton_plan as TP
     from tquant.kernels._triton import tl, triton
 
@@ -177,7 +177,7 @@ if HAS_TRITON:
     def _round_kernel(p_x, p_y, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(p_x + offs, mask=offs < n, other=0.0)
-        tl.store(p_y + offs, FQ._round_half_even(v), mask=offs < n)
+        tl.store(p_y + offs, TM._round_half_even(v), mask=offs < n)
 
 
 def run_round(v: torch.Tensor) -> torch.Tensor:
@@ -455,11 +455,11 @@ def test_range_grads_gates_and_expanded_grad():
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     """Shrink tiles and partial blocks so a few hundred elements need many programs and steps."""
-    monkeypatch.setattr(FQ, "_MAX_TILE", 32)
-    monkeypatch.setattr(FQ, "_CPU_PROGRAMS", 16)
-    monkeypatch.setattr(FQ, "_PROGRAMS_PER_SM", 1)
-    monkeypatch.setattr(FQ, "_FINALIZE_TILE", 8)
-    monkeypatch.setattr(FQ, "_FINALIZE_BLOCK_P", 2)
+    monkeypatch.setattr(TP, "_MAX_TILE", 32)
+    monkeypatch.setattr(TP, "_CPU_PROGRAMS", 16)
+    monkeypatch.setattr(TP, "_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(TP, "_FINALIZE_TILE", 8)
+    monkeypatch.setattr(TP, "_FINALIZE_BLOCK_P", 2)
     monkeypatch.setattr(TP, "_plans", type(TP._plans)())  # plans made with the usual tiles must not be reused
 
 
@@ -505,7 +505,7 @@ def test_many_programs(tiny_tiles, shape, axis, view, symmetric, kind):
 ])
 def test_collapse(case):
     shape, strides, keep_dim0, expected = case
-    got = FQ._collapse(shape, [strides], keep_dim0)
+    got = TP._collapse(shape, [strides], keep_dim0)
     if expected is None:
         assert got is None
     else:

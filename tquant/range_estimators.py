@@ -57,6 +57,7 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
             shape = tuple(state_shape)
         self.register_buffer("current_xmin", torch.full(shape, math.nan))
         self.register_buffer("current_xmax", torch.full(shape, math.nan))
+        self._register_workspace(shape, None)
         self.axis = axis
         self.n_groups = n_groups
         self.per_group_range_estimation = False
@@ -108,6 +109,17 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
             )
         self.current_xmin = torch.full(shape, math.nan, device=device)
         self.current_xmax = torch.full(shape, math.nan, device=device)
+        self._register_workspace(shape, device)
+
+    def _register_workspace(self, shape: tuple, device) -> None:
+        """The scratch buffers of the one-launch Triton range update (``kernels.range_workspace``), made
+        with the range buffers so they exist before any CUDA-graph capture; not saved in ``state_dict``."""
+        if self.group_len is not None:  # the group-wise symmetric range kernel's [sign flag, arrivals] (int32)
+            workspace, arrivals = torch.zeros(2, dtype=torch.int32, device=device), None
+        else:
+            workspace, arrivals = kernels.range_workspace(shape[0] if shape else 1, device)
+        self.register_buffer("_workspace", workspace, persistent=False)
+        self.register_buffer("_arrivals", arrivals, persistent=False)
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of the finite values of ``x``: per tensor, channel or group (no update)."""
