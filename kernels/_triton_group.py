@@ -21,7 +21,9 @@ and signed-zero-faithful min/max/clamp from ``_triton_math``, no FMA contraction
 from __future__ import annotations
 
 import torch
+from torch.library import triton_op, wrap_triton
 
+from ._masked_autograd import masked_autograd
 from ._triton import tl, triton
 from ._triton_math import _clamp, _maximum, _minimum, _qparams, _round_half_even
 from ._triton_plan import LAUNCH_OPTS, _next_pow2, device_ctx
@@ -213,6 +215,18 @@ def _group_range_grads_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _k(kernel, wrap):
+    """``kernel`` to launch: as it is (eager), or ``wrap(kernel)`` (``wrap_triton`` inside a ``triton_op``: the
+    launch becomes a node that inductor launches itself)."""
+    return kernel if wrap is None else wrap(kernel)
+
+
+def _opts(wrap) -> dict:
+    # inductor takes no enable_fp_fusion: these kernels' values do not depend on contraction (no product
+    # feeds an add unless it is exact: a power-of-two scaling, or behind a select, as in _ema)
+    return LAUNCH_OPTS if wrap is None else {}
+
+
 def _blocks(q: int, group_len: int) -> tuple[int, int, int]:
     """``(BLOCK_G, BLOCK_T, num_warps)``: a group's columns (up to ``_MAX_BLOCK_T``), as many groups as fit."""
     block_t = min(_next_pow2(max(group_len, 1)), _MAX_BLOCK_T)
@@ -241,7 +255,8 @@ def _u8(signed: torch.Tensor) -> torch.Tensor:
 
 
 def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric: bool, group_len: int,
-                            with_mask: bool, ranges: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            with_mask: bool, ranges: tuple | None = None,
+                            wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``group_fake_quant`` in one launch: ``(y, mask)``, both contiguous in ``x``'s shape (mask empty
     unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference.
 
@@ -258,16 +273,16 @@ def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric
         grid = (triton.cdiv(q, block_g), triton.cdiv(group_len, block_t))
         rmin, rmax = ranges if ranges is not None else (delta, delta)
         with device_ctx(x):
-            _group_fake_quant_kernel[grid](
+            _k(_group_fake_quant_kernel, wrap)[grid](
                 xr, y, mask.view(torch.uint8) if with_mask else y, delta, zero_float, _u8(signed), rmin, rmax,
                 q, ng, k, group_len, full, half,
                 SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), FROM_RANGE=ranges is not None,
-                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS,
+                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_opts(wrap),
             )
     return y, mask
 
 
-def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_minmax_triton(x: torch.Tensor, group_len: int, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max (fp32 ``[C, n_groups]``) of the finite values of each group: one launch."""
     xr, c, k, ng = _as_rows(x.detach(), group_len, "group_minmax")
     bmin = torch.empty((c, ng), dtype=torch.float32, device=x.device)
@@ -276,8 +291,9 @@ def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, 
     if q:
         block_g, block_t, warps = _blocks(q, group_len)
         with device_ctx(x):
-            _group_minmax_kernel[(triton.cdiv(q, block_g),)](xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g,
-                                                               BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS)
+            _k(_group_minmax_kernel, wrap)[(triton.cdiv(q, block_g),)](
+                xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
+                **_opts(wrap))
     return bmin, bmax
 
 
@@ -295,7 +311,7 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
                               group_len: int, estimator: int, momentum: float, first: bool,
-                              qparams: bool = True, workspace: torch.Tensor | None = None) -> None:
+                              qparams: bool = True, workspace: torch.Tensor | None = None, wrap=None) -> None:
     """``group_update_range`` (see ``group_quant.py``): one launch (asymmetric) or two (symmetric), no host
     synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim).
     ``qparams=False`` leaves a symmetric ``delta`` to the fake-quant launch that follows (``group_train_triton``);
@@ -320,17 +336,17 @@ def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed
             if symmetric:
                 signed.fill_(False)
             return
-        _group_range_kernel[(n_programs,)](
+        _k(_group_range_kernel, wrap)[(n_programs,)](
             xr, range_min, range_max, delta, zero_float, signed_u8,
             _workspace(x.device) if workspace is None else workspace,
             q, ng, k, group_len, n_programs, 1.0 - momentum, momentum, full,
             SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
-            **LAUNCH_OPTS,
+            **_opts(wrap),
         )
         if symmetric and qparams:
             block = min(_next_pow2(q), 1024)
-            _group_symmetric_qparams_kernel[(triton.cdiv(q, block),)](
-                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **LAUNCH_OPTS,
+            _k(_group_symmetric_qparams_kernel, wrap)[(triton.cdiv(q, block),)](
+                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_opts(wrap),
             )
 
 
@@ -347,7 +363,7 @@ def group_train_triton(x, range_min, range_max, delta, zero_float, signed, n_bit
 
 
 def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, symmetric: bool,
-                             group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             group_len: int, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """LSQ gradients ``(grad_delta, grad_zero_float)`` (fp32 ``[C, n_groups]``) of ``group_fake_quant``:
     one launch, each group summed by one program (deterministic)."""
     xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant_range_grads")
@@ -360,9 +376,45 @@ def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, sy
     if q:
         block_g, block_t, warps = _blocks(q, group_len)
         with device_ctx(x):
-            _group_range_grads_kernel[(triton.cdiv(q, block_g),)](
+            _k(_group_range_grads_kernel, wrap)[(triton.cdiv(q, block_g),)](
                 grad.reshape(c, k).contiguous(), xr, delta.contiguous(), zero_float.contiguous(), _u8(signed),
                 grad_delta, grad_zf, q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS,
+                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_opts(wrap),
             )
     return grad_delta, grad_zf
+
+
+# --------------------------------------------------------------------------------------------
+# the same launches as torch.library.triton_op: what traced code calls on GPU tensors (_triton_ops.py)
+# --------------------------------------------------------------------------------------------
+
+
+@triton_op("tquant::group_fake_quant_triton", mutates_args=())
+def group_fake_quant_op(x: torch.Tensor, delta: torch.Tensor, zero_float: torch.Tensor, signed: torch.Tensor,
+                        n_bits: int, symmetric: bool, group_len: int,
+                        with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tquant::group_fake_quant`` as a ``triton_op``; autograd in ``group_quant.py``."""
+    return group_fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask,
+                                   wrap=wrap_triton)
+
+
+@triton_op("tquant::group_fake_quant_range_grads_triton", mutates_args=())
+def group_range_grads_op(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, zero_float: torch.Tensor,
+                         signed: torch.Tensor, n_bits: int, symmetric: bool,
+                         group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits, symmetric, group_len,
+                                    wrap=wrap_triton)
+
+
+@triton_op("tquant::group_update_range_triton",
+           mutates_args=("workspace", "range_min", "range_max", "delta", "zero_float", "signed"))
+def group_update_range_op(x: torch.Tensor, workspace: torch.Tensor, range_min: torch.Tensor,
+                          range_max: torch.Tensor, delta: torch.Tensor, zero_float: torch.Tensor,
+                          signed: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int,
+                          momentum: float) -> None:
+    """``tquant::group_update_range`` with the quantizer's workspace (int32 ``[2]``), as a ``triton_op``."""
+    group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
+                              estimator, momentum, False, workspace=workspace, wrap=wrap_triton)
+
+
+masked_autograd("group_fake_quant_triton", group_fake_quant_op, group_range_grads_op, 2)

@@ -23,6 +23,7 @@ from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 
 from helpers import assert_bits_equal, lane_device
+from test_launches import launches  # noqa: F401  (the fixture that records Triton launches)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]  # the interpreter's numpy
@@ -229,3 +230,25 @@ def test_gpu_kernels_bf16_and_large(dtype):
             G.group_update_range(w.cuda(), *state, 4, symmetric, 128, K.ESTIMATOR_RUNNING, 0.9, False)
             for got, want in zip(state, (lo, hi, d, z, s)):
                 assert_bits_equal(got, want, f"group state {dtype}")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_launches_per_call(launches):  # noqa: F811 (the imported fixture)
+    """Training forward: two launches (the integer range kernel with the FP8 grid, then the fake quant), and
+    the state equals the reference's; fixed ranges: one launch."""
+    dev = lane_device("triton")
+    qm = tquant.QuantizationManager(tquant.QMethods.symmetric_uniform, tquant.RangeEstimators.running_minmax,
+                                    per_channel=True, n_channels=6, qparams={"n_bits": 8, "fmt": "fp8_e4m3"}).to(dev)
+    x = torch.randn(6, 50, device=dev, requires_grad=True)
+    qm(x)
+    launches.clear()
+    y = qm(x)
+    assert launches == ["_update_range_kernel", "_fp8_fake_quant_kernel"], launches
+    lo, hi = R.batch_minmax_reference(x.detach().cpu(), 0)  # the same batch twice: its EMA with itself
+    delta = FR.fp8_qparams_from_range(R.ema_range(lo, lo, 0.9), R.ema_range(hi, hi, 0.9), "fp8_e4m3")
+    assert_bits_equal(qm.quantizer._delta, delta, "delta")
+    assert_bits_equal(y, FR.fp8_fake_quant_reference(x.detach().cpu(), delta, "fp8_e4m3", 0), "y")
+    qm.fix_ranges()
+    launches.clear()
+    qm(x)
+    assert launches == ["_fp8_fake_quant_kernel"]
