@@ -19,6 +19,7 @@ from torch import nn
 import tquant
 
 from .prepare import INT4_OPSET, ExportError, QuantizerExport, export_mode, flatten_outputs, warn_estimating
+from .integer_passes import mean_to_global_pool
 from .qdq_passes import collapse_dq_q
 from .translations import fold_int4_casts, translation_table
 
@@ -197,6 +198,7 @@ def export_onnx(
     fold_int4_casts(onnx_model)
     tidy_qdq_attributes(onnx_model)
     collapsed = collapse_dq_q(onnx_model)
+    mean_to_global_pool(onnx_model)
     if not keep_debug_info:
         strip_debug_info(onnx_model)
     doubles = double_qdq_pairs(onnx_model)
