@@ -23,8 +23,15 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
+_MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+"""Data movement onnxruntime carries a DequantizeLinear through (QDQ propagation, drop-QDQ rules)."""
+
+
 def _from_dq(value: ir.Value) -> bool:
+    """``value`` is a DequantizeLinear output, possibly reshaped or transposed on the way."""
     producer = value.producer()
+    while producer is not None and producer.op_type in _MOVES and producer.domain in ("", "ai.onnx"):
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
     return producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx")
 
 

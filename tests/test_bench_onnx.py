@@ -34,7 +34,7 @@ def test_bench_onnx_quick_digits(tmp_path, capsys):
         assert float(r["accuracy"]) == pytest.approx(sum(per_seed) / 2, abs=0.01)
         assert all(0.0 <= a <= 100.0 for a in per_seed) and float(r["median_ms"]) > 0
     markdown = (tmp_path / "onnx.md").read_text()
-    assert "## Issue 11 acceptance" in markdown and "vs_quantize_static" in markdown
+    assert "## Acceptance (issue 11" in markdown and "vs_quantize_static" in markdown
     assert "## Digits accuracy by seed" in markdown and "| seed 0 | seed 1 | mean |" in markdown
     assert "(mean of 2 seeds;" in markdown
     assert "results in" in capsys.readouterr().out

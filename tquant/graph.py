@@ -255,6 +255,7 @@ class _Placer:
         self.bias_inputs: dict[int, tuple[QuantizationHijacker, set[int], QuantizationManager | None]] = {}
         self.ignored_inputs: list[str] = []
         self.container_outputs: dict[str, object] = {}
+        self.quantized_params: set[str] = set()
 
     # helpers --------------------------------------------------------------------------------------
     def _is_float_tensor(self, value) -> bool:
@@ -326,6 +327,8 @@ class _Placer:
             self.qversion[value] = qnode
             self.qsrc[qnode] = module.activation_quantizer
             self.inserted[path] = f"input of {consumer.name}" if value.op != "get_attr" else f"parameter {value.target}"
+            if value.op == "get_attr":
+                self.quantized_params.add(str(value.target))
         consumer.replace_input_with(value, qnode)
         return self.qsrc[qnode]
 
@@ -620,6 +623,10 @@ def convert_graph(model: nn.Module, qmap: QuantizationMap, example_inputs, stric
             conversion.ConversionWarning, stacklevel=3,
         )
     conversion._float_leftovers(gm, "", done, summary)
+    for path in list(summary.left_float):  # parameters the graph quantizes where they are used
+        own = [f"{path}.{n}" if path else n for n, _ in placer.modules[path].named_parameters(recurse=False)]
+        if all(name in placer.quantized_params for name in own):
+            del summary.left_float[path]
     conversion._report(summary, "convert_to_quantized", strict)
     conversion.disable_fused_transformer_fast_path(gm)
     conversion.enable_quant_states(gm)
