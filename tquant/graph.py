@@ -32,6 +32,8 @@ goes to one QuantizeLinear; its QDQ selectors name the ops):
   the same quantizer, and a tensor already on a grid (an output quantizer, through grid-preserving
   ops) is never quantized again; an ``input_activation_qconfig_map`` entry for a layer whose input is
   already quantized is ignored with a warning;
+- **model outputs**: a Linear whose output is only a model output keeps it float (QGemm writes float
+  directly; an output quantizer there would feed no integer op and only cost precision);
 - **int32 biases** (``quantize_bias``): each Linear/Conv is linked to the quantizer its input comes
   from, wherever it sits in the graph;
 - **attention**: ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are converted to
@@ -60,11 +62,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from .attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
-from .base_modules import QuantizationHijacker, QuantizedActivation, QuantizedModule
+from .base_modules import FP32Acts, QuantizationHijacker, QuantizedActivation, QuantizedModule
 from .config import ActivationQuantConfig, QuantizationMap, QuantizedModuleConfig, RangeEstimators
 from .config import convert_act_config_to_kwargs_dict
 from .folding import fold_batch_norm
-from .layers import QuantConv2d
+from .layers import QuantConv2d, QuantLinear
 from .quantization_manager import QuantizationManager
 
 __all__ = ["GRAPH_CONVERSIONS", "TracingFallbackWarning", "convert_graph", "trace"]
@@ -256,6 +258,7 @@ class _Placer:
         self.ignored_inputs: list[str] = []
         self.container_outputs: dict[str, object] = {}
         self.quantized_params: set[str] = set()
+        self.float_outputs: list[str] = []
 
     # helpers --------------------------------------------------------------------------------------
     def _is_float_tensor(self, value) -> bool:
@@ -350,8 +353,21 @@ class _Placer:
                 self.qsrc.setdefault(node, None)
                 continue
             self._visit(node)
+        self._float_model_outputs()
         self.graph.lint()
         self.gm.recompile()
+
+    def _float_model_outputs(self) -> None:
+        """A Linear whose output is only a model output writes it in float (QGemm can): quantizing it
+        would feed no integer op and only add error (logits keep their full precision)."""
+        output = next(n for n in self.graph.nodes if n.op == "output")
+        for value in output.all_input_nodes:
+            module = self.modules.get(value.target) if value.op == "call_module" else None
+            if (isinstance(module, QuantLinear) and set(value.users) == {output}
+                    and isinstance(module.activation_quantizer, QuantizationManager)):
+                module.activation_quantizer = FP32Acts()
+                self.qsrc[value] = None
+                self.float_outputs.append(str(value.target))
 
     def _visit(self, node: fx.Node) -> None:
         modules = self.modules
