@@ -96,11 +96,8 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmu
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
 _UNARY_INTEGER = {
-    F.softmax: "softmax", torch.softmax: "softmax", "softmax": "softmax",
-    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
-    torch.mean: "mean", "mean": "mean",
-    F.avg_pool1d: "avgpool", F.avg_pool2d: "avgpool", F.avg_pool3d: "avgpool",
-    F.adaptive_avg_pool1d: "avgpool", F.adaptive_avg_pool2d: "avgpool", F.adaptive_avg_pool3d: "avgpool",
+    F.softmax, torch.softmax, "softmax", torch.sigmoid, F.sigmoid, "sigmoid", torch.mean, "mean",
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
 }
 _GRID = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose,
@@ -110,11 +107,8 @@ _GRID = {
     "chunk", "split", "unbind", "narrow", "expand", "expand_as", "view_as", "reshape_as", "unflatten",
     "swapaxes", "movedim", operator.getitem,
 }
-_INTEGER_MODULES = {
-    nn.Softmax: "softmax", nn.Sigmoid: "sigmoid", nn.AvgPool1d: "avgpool", nn.AvgPool2d: "avgpool",
-    nn.AvgPool3d: "avgpool", nn.AdaptiveAvgPool1d: "avgpool", nn.AdaptiveAvgPool2d: "avgpool",
-    nn.AdaptiveAvgPool3d: "avgpool",
-}
+_INTEGER_MODULES = (nn.Softmax, nn.Sigmoid, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _GRID_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout,
                  nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _FOLDABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
@@ -394,8 +388,8 @@ class _Placer:
     def _integer_op(self, node: fx.Node) -> tuple[str, list] | None:
         """``(label, inputs)`` of an op onnxruntime runs on integers, or None."""
         if node.op == "call_module":
-            label = _INTEGER_MODULES.get(type(self.modules[node.target]))
-            return (label, [node.args[0]]) if label and node.args else None
+            integer = isinstance(self.modules[node.target], _INTEGER_MODULES) and node.args
+            return (self._label(node), [node.args[0]]) if integer else None
         if node.op not in ("call_function", "call_method"):
             return None
         t = node.target
@@ -403,15 +397,14 @@ class _Placer:
             a, b = node.args[0] if node.args else None, node.args[1] if len(node.args) > 1 else None
             if not (self._is_float_tensor(a) and self._is_float_tensor(b)) or node.kwargs.get("alpha", 1) != 1:
                 return None
-            label = "add" if t in _ADD else "mul" if t in _MUL else "matmul"
-            return label, [a, b]
+            return self._label(node), [a, b]
         if t in _CAT:
             tensors = _arg(node, 0, "tensors")
             if isinstance(tensors, (list, tuple)) and tensors and all(self._is_float_tensor(v) for v in tensors):
-                return "cat", list(tensors)
+                return self._label(node), list(tensors)
             return None
         if t in _UNARY_INTEGER and node.args and self._is_float_tensor(node.args[0]):
-            return _UNARY_INTEGER[t], [node.args[0]]
+            return self._label(node), [node.args[0]]
         return None
 
     def _grid_op(self, node: fx.Node) -> bool:
