@@ -11,7 +11,9 @@ Subjects (CPU, onnxruntime CPU provider, 1 intra-op thread, batch 32):
     default export (int8 weights, uint8 activations, Linear as Gemm);
   - ``tquant W8A8 calibrated``: the same map, calibrated only (no QAT: post-training quantization);
   - ``tquant W8A8 unfolded``: the same QAT recipe with aihwkit's default conversion (no folding,
-    every layer input quantized) exported with uint8-shifted weights (the export before issue 11).
+    every layer input quantized) exported with uint8-shifted weights (the export before issue 11);
+  - ``tquant W8A8 recipe``: the deployment recipe of the model families (:func:`deploy.deploy_int8`:
+    the graph path, calibration only), unchanged.
 - ``encoder``: ``nn.TransformerEncoder`` (d 256, 4 heads, FFN 1024, 4 layers, sequence 32) on
   random inputs: float, ``quantize_static``, and tquant W8A8 (each layer converted to a
   :class:`~tquant.attention.QuantTransformerEncoderLayer`: quantized projections, attention
@@ -23,6 +25,14 @@ order rotated every round); reported are medians and the ratios to float and to
 ``quantize_static``, the accuracy, the file size, and what onnxruntime's optimiser leaves
 (:func:`tquant.export.ort_graph.optimized_graph`: Q/DQ nodes, fused integer nodes, float compute).
 Results go to ``results/<device>/onnx.{csv,json,md}``, with the load average of the run.
+
+- the model families of :mod:`tquant.benchmarks.families` (``resnet``, ``mobilenet``, ``vgg``, ``mlp``,
+  ``transformer``), random weights and inputs: float, ``quantize_static`` (same 8 calibration
+  batches), tquant's deployment recipe (:func:`tquant.benchmarks.deploy.deploy_int8`: the default
+  8-bit map, folding, int32 biases and ``example_inputs``; no layer names) and Brevitas graph mode
+  when it is installed (``tquant[peers]``); agreement = share of random inputs on which the file's
+  argmax equals the float PyTorch model's; ``validates`` = ``validate_onnx(...).ok()``. Latency at
+  batch 1 and 32.
 
 Digits accuracy is measured over ``--seeds`` seeds (default :data:`DIGITS_SEEDS`): each seed is
 a whole run of its own (the demo's split with that seed, float training, ``quantize_static``,
@@ -178,7 +188,8 @@ def digits_files(directory: Path, epochs: int, qat_epochs: int, seed: int = 0):
     float_model.eval()
     example = data.x_test[:BATCH]
     paths = {name: directory / f"digits-{i}.onnx" for i, name in enumerate(
-        ("float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded"))}
+        ("float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded",
+         "tquant W8A8 recipe"))}
     export_onnx(float_model, example, paths["float"])
     calib = [data.x_train[i:i + BATCH].numpy() for i in range(0, 8 * BATCH, BATCH)]
     quantize_static_peer(paths["float"], paths["quantize_static"], calib)
@@ -188,6 +199,7 @@ def digits_files(directory: Path, epochs: int, qat_epochs: int, seed: int = 0):
     export_onnx(calibrated, example, paths["tquant W8A8 calibrated"])
     unfolded = _qat(float_model, demo.quantization_map(8, fold_activations=False), data, qat_epochs, seed + 8)
     export_onnx(unfolded, example, paths["tquant W8A8 unfolded"], signed_weights=False)
+    deploy.deploy_int8(float_model, example, [torch.from_numpy(b) for b in calib], paths["tquant W8A8 recipe"])
     return paths, data.x_test.numpy(), data.y_test.numpy()
 
 
