@@ -18,9 +18,9 @@ from torch import nn
 
 import tquant
 
-from .prepare import INT4_OPSET, ExportError, QuantizerExport, export_mode, flatten_outputs, warn_estimating
 from .float_report import FloatOpsWarning, float_op_notes, node_scopes
 from .integer_passes import mean_to_global_pool
+from .prepare import INT4_OPSET, ExportError, QuantizerExport, export_mode, flatten_outputs, warn_estimating
 from .qdq_passes import collapse_dq_q
 from .translations import fold_int4_casts, translation_table
 

@@ -342,3 +342,20 @@ def test_quant_multihead_attention_matches_torch_with_masks_and_weights():
         assert qattn(q, kv, kv, need_weights=False)[1] is None
     with pytest.raises(TypeError, match="expected an nn.MultiheadAttention"):
         QuantMultiheadAttention(nn.Linear(2, 2))
+
+
+def test_graph_converted_model_trains():
+    from tquant.benchmarks.families import build
+
+    model, sample = build("mobilenet", "small")
+    qmodel = tquant.convert_to_quantized(model.train(), recipe_map(), example_inputs=(sample(2),))
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
+    x = sample(4)
+    for _ in range(2):  # QAT: ranges follow the data on training forwards, BN statistics update
+        optimizer.zero_grad()
+        qmodel(x).square().mean().backward()
+        optimizer.step()
+    assert qmodel.blocks[1].conv[0].weight.grad is not None
+    assert qmodel.blocks[1].conv[0].bn_steps.item() == 2
+    assert all(m.activation_quantizer.is_initialized for m in qmodel.modules()
+               if type(m) is tquant.QuantizedActivation)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .base_modules import QuantizedActivation
+from .fixed_range import probability_quantizer
 from .layers import QuantLayerNorm, QuantLinear
 from .states import QuantizedModel
 
@@ -55,11 +56,13 @@ class QuantAdd(QuantizedActivation):
 
 
 class QuantSoftmax(QuantizedActivation):
-    """``softmax(x, dim)`` with an output quantizer."""
+    """``softmax(x, dim)`` with an output quantizer on the fixed ``1/2^b`` grid (onnxruntime's
+    QLinearSoftmax requantizes exactly on it: :mod:`tquant.fixed_range`)."""
 
     def __init__(self, dim: int = -1, **quant_params):
         super().__init__(**quant_params)
         self.dim = dim
+        self.activation_quantizer = probability_quantizer(self.activation_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize_activations(torch.softmax(x, dim=self.dim))

@@ -63,8 +63,14 @@ from torch.nn import functional as F
 
 from .attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
 from .base_modules import FP32Acts, QuantizationHijacker, QuantizedActivation, QuantizedModule
-from .config import ActivationQuantConfig, QuantizationMap, QuantizedModuleConfig, RangeEstimators
-from .config import convert_act_config_to_kwargs_dict
+from .config import (
+    ActivationQuantConfig,
+    QuantizationMap,
+    QuantizedModuleConfig,
+    RangeEstimators,
+    convert_act_config_to_kwargs_dict,
+)
+from .fixed_range import probability_quantizer
 from .folding import fold_batch_norm
 from .layers import QuantConv2d, QuantLinear
 from .quantization_manager import QuantizationManager
@@ -216,7 +222,8 @@ def _as_args(example_inputs) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     raise TypeError(
-        f"convert_to_quantized: example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}"
+        "convert_to_quantized: example_inputs must be a tensor or a tuple of inputs, got "
+        f"{type(example_inputs).__name__}"
     )
 
 
@@ -446,7 +453,8 @@ class _Placer:
         if node in self.deferred:
             return self._quantize_output(node)
         producer = node.args[0] if node.args else None
-        module = self.modules.get(producer.target) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
+        is_module = isinstance(producer, fx.Node) and producer.op == "call_module"
+        module = self.modules.get(producer.target) if is_module else None
         kinds = (nn.Linear,) if linear_only else (nn.Linear, *_CONV_TYPES)
         foldable = (
             isinstance(module, QuantizationHijacker) and isinstance(module, kinds)
@@ -475,6 +483,15 @@ class _Placer:
             self.qsrc[node] = None
             return
         self._quantize_output(node, label)
+        if self._is_softmax(node):  # onnxruntime requantizes a softmax exactly on the 1/2^b grid only
+            module = self.modules[str(next(iter(node.users)).target)]
+            module.activation_quantizer = probability_quantizer(module.activation_quantizer)
+            self.qsrc[next(iter(node.users))] = module.activation_quantizer
+
+    def _is_softmax(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.modules[node.target], nn.Softmax)
+        return node.target in (F.softmax, torch.softmax, "softmax")
 
     def _grid(self, node: fx.Node) -> None:
         source = node.args[0] if node.args else None
@@ -623,8 +640,9 @@ def convert_graph(model: nn.Module, qmap: QuantizationMap, example_inputs, stric
     ]
     placer.container_outputs = _probe_containers(gm, args, containers) if containers else {}
     placer.run()
-    for path, what in placer.inserted.items():
-        summary.input_quantizers[path] = what
+    for path, what in placer.inserted.items():  # output quantizers of integer ops are not "input quantizers"
+        if not what.startswith("output of"):
+            summary.input_quantizers[path] = what
     for name in placer.ignored_inputs:
         warnings.warn(
             f"convert_to_quantized: input_activation_qconfig_map[{name!r}] ignored: the input of '{name}' is "
