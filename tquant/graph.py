@@ -259,7 +259,6 @@ class _Placer:
         self.ignored_inputs: list[str] = []
         self.container_outputs: dict[str, object] = {}
         self.quantized_params: set[str] = set()
-        self.float_outputs: list[str] = []
 
     # helpers --------------------------------------------------------------------------------------
     def _is_float_tensor(self, value) -> bool:
@@ -304,8 +303,6 @@ class _Placer:
         anchor = node
         if node.op == "placeholder":  # keep the placeholders first
             anchor = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
-        elif node.op == "get_attr":
-            anchor = node
         with self.graph.inserting_after(anchor):
             qnode = self.graph.call_module(path, (node,))
         qnode.meta = {k: node.meta[k] for k in ("tensor_meta", "nn_module_stack") if k in node.meta}
@@ -368,7 +365,6 @@ class _Placer:
                     and isinstance(module.activation_quantizer, QuantizationManager)):
                 module.activation_quantizer = FP32Acts()
                 self.qsrc[value] = None
-                self.float_outputs.append(str(value.target))
 
     def _visit(self, node: fx.Node) -> None:
         modules = self.modules
