@@ -317,6 +317,8 @@ class _Placer:
             return current
         qnode = self.qversion.get(value)
         if qnode is None:
+            if value.op == "placeholder":  # the model input: the map's root entry, if any
+                cfg = cfg or self.qmap.input_activation_qconfig_map.get("")
             cfg = cfg or self.act_cfg
             if cfg is None:
                 return None
