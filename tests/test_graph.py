@@ -355,7 +355,39 @@ def test_graph_converted_model_trains():
         optimizer.zero_grad()
         qmodel(x).square().mean().backward()
         optimizer.step()
-    assert qmodel.blocks[1].conv[0].weight.grad is not None
-    assert qmodel.blocks[1].conv[0].bn_steps.item() == 2
+    expand = qmodel.get_submodule("blocks.1.conv.0")  # fx keeps the paths, not the Sequential containers
+    assert expand.weight.grad is not None and expand.bn_steps.item() == 2
     assert all(m.activation_quantizer.is_initialized for m in qmodel.modules()
                if type(m) is tquant.QuantizedActivation)
+
+
+def test_linear_and_conv1d_batch_norm_pairs_are_folded(tmp_path):
+    from tquant.folding import QuantConvBn1d, QuantLinearBn1d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn1 = nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)
+            self.fc, self.bn2 = nn.Linear(24, 8), nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv(x)))
+            return self.head(F.relu(self.bn2(self.fc(y.flatten(1)))))
+
+    model = Net()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(4, 3, 8)
+    qmodel = calibrated(model, x)
+    assert type(qmodel.conv) is QuantConvBn1d and type(qmodel.fc) is QuantLinearBn1d
+    assert isinstance(qmodel.fc.activation_function, nn.ReLU)
+    result = export_onnx(qmodel, x, tmp_path / "bn1d.onnx")
+    assert result.float_ops == []
+    assert optimized_graph(tmp_path / "bn1d.onnx").integer_nodes == {"QGemm": 2, "QLinearConv": 1}
+    with torch.no_grad():
+        tquant.full_precision(qmodel)
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-5, atol=1e-5)

@@ -26,8 +26,9 @@ goes to one QuantizeLinear; its QDQ selectors name the ops):
   output quantizer (``activation_function``), an integer op gets its output quantizer after the
   activation (onnxruntime's Relu/Clip-QuantizeLinear fusions remove it); GELU/SiLU after a Linear is
   folded the same way (QGemm with a float output, then the activation, then one QuantizeLinear);
-- **batch norm**: with ``fold_batch_norm``, a converted Conv2d whose only user is a BatchNorm2d becomes
-  a :class:`~tquant.folding.QuantConvBn2d`;
+- **batch norm**: with ``fold_batch_norm``, a converted Conv1d/2d/3d or Linear (``[N, C]`` output) whose
+  only user is a batch norm becomes a :class:`~tquant.folding.QuantConvBn2d` (``QuantConvBn1d``,
+  ``QuantConvBn3d``, ``QuantLinearBn1d``);
 - **never twice**: a tensor is quantized at most once; every consumer that needs it quantized reads
   the same quantizer, and a tensor already on a grid (an output quantizer, through grid-preserving
   ops) is never quantized again; an ``input_activation_qconfig_map`` entry for a layer whose input is
@@ -71,8 +72,8 @@ from .config import (
     convert_act_config_to_kwargs_dict,
 )
 from .fixed_range import probability_quantizer
-from .folding import fold_batch_norm
-from .layers import QuantConv2d, QuantLinear
+from .folding import FOLDED_CLASSES, fold_batch_norm
+from .layers import QuantLinear
 from .quantization_manager import QuantizationManager
 
 __all__ = ["GRAPH_CONVERSIONS", "TracingFallbackWarning", "convert_graph", "trace"]
@@ -569,18 +570,30 @@ def _graph_map(qmap: QuantizationMap) -> QuantizationMap:
     return gmap
 
 
+def _batch_norm_pair(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The converted layer a batch-norm node folds into (its only input's producer, only used by it), or None."""
+    producer = node.args[0] if node.args else None
+    if node.op != "call_module" or not isinstance(producer, fx.Node) or producer.op != "call_module":
+        return None
+    layer = modules[producer.target]
+    folded = FOLDED_CLASSES.get(type(layer))
+    if folded is None or type(modules[node.target]) is not folded[1] or len(producer.users) != 1:
+        return None
+    meta = producer.meta.get("tensor_meta")
+    if isinstance(layer, nn.Linear) and getattr(meta, "shape", None) is not None and len(meta.shape) != 2:
+        return None  # BatchNorm1d normalises dim 1, a Linear's features only in a [N, C] output
+    return str(producer.target)
+
+
 def _fold_batch_norms(gm: fx.GraphModule, qmap: QuantizationMap) -> None:
-    """Fold each converted Conv2d whose only user is a BatchNorm2d (and the named ``batch_norm_pairs``)."""
+    """Fold each converted Conv/Linear whose only user is a batch norm (and the named ``batch_norm_pairs``)."""
     modules = dict(gm.named_modules())
     pairs = dict(qmap.batch_norm_pairs)
     if qmap.fold_batch_norm:
         for node in gm.graph.nodes:
-            producer = node.args[0] if node.args else None
-            if (node.op == "call_module" and type(modules[node.target]) is nn.BatchNorm2d
-                    and isinstance(producer, fx.Node) and producer.op == "call_module"
-                    and type(modules[producer.target]) is QuantConv2d and len(producer.users) == 1
-                    and producer.target not in pairs):
-                pairs[producer.target] = node.target
+            layer = _batch_norm_pair(node, modules)
+            if layer is not None and layer not in pairs:
+                pairs[layer] = node.target
     if not pairs:
         return
     try:
