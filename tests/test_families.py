@@ -32,7 +32,7 @@ EXPECTED_INTEGER = {
     "mobilenet": {"QLinearConv": 16, "QLinearAdd": 3, "QLinearGlobalAveragePool": 1, "QGemm": 1},
     "vgg": {"QLinearConv": 5, "QGemm": 2},
     "mlp": {"QGemm": 3},
-    "transformer": {"QGemm": 6, "QLinearMatMul": 2, "QLinearSoftmax": 1, "QLinearAdd": 3,
+    "transformer": {"QGemm": 8, "QLinearMatMul": 2, "QLinearSoftmax": 1, "QLinearAdd": 3,
                     "QLinearGlobalAveragePool": 1},
 }
 
