@@ -99,11 +99,16 @@ def float_op_notes(path: str, scopes: dict[str, str]) -> list[str]:
     by_name = {n.name: n for n in graph.node}
     four_bit = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
     four_bit |= {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in four_bit}
+    producer = {out: n for n in graph.node for out in n.output}
     grouped: Counter = Counter()
     for op, name in optimized.float_nodes:
-        node = by_name.get(name)
-        where = scopes.get(name, f"node '{name}'")
-        why = _why(node, graph, four_bit) if node is not None else "onnxruntime made it from several nodes"
+        node = by_name.get(name) or by_name.get(name.split("/")[0])  # "node_MatMul_76/MatMulScaleFusion/"
+        if node is None:  # a node onnxruntime made from several: the file's node that wrote its output
+            node = next((producer[v] for v in optimized.float_node_outputs.get(name, ()) if v in producer), None)
+        where = scopes.get(node.name if node is not None else name, f"node '{name}'")
+        why = _why(node, graph, four_bit) if node is not None and node.op_type == op else (
+            f"{_why(node, graph, four_bit)} (onnxruntime fused it from several nodes)" if node is not None
+            else "onnxruntime made it from several nodes")
         grouped[(op, where, why)] += 1
     return [
         f"{op}{f' x{n}' if n > 1 else ''} at '{where}' stays float: {why}" for (op, where, why), n in grouped.items()

@@ -391,3 +391,25 @@ def test_linear_and_conv1d_batch_norm_pairs_are_folded(tmp_path):
     with torch.no_grad():
         tquant.full_precision(qmodel)
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_names_what_stays_float_by_module_path(tmp_path):
+    from tquant.export import FloatOpsWarning
+
+    model = ReluBetweenConvs().eval()
+    x = torch.randn(2, 3, 9, 9)
+    qmap = recipe_map()
+    qmap.input_activation_qconfig_map["conv1"] = tquant.ActivationQuantConfig(8)
+    qmodel = tquant.convert_to_quantized(model, qmap)  # module by module: the ReLU in forward breaks the chain
+    tquant.estimate_ranges(qmodel)
+    qmodel.eval()
+    with torch.no_grad():
+        qmodel(x)
+    tquant.fix_ranges(qmodel)
+    with pytest.warns(FloatOpsWarning, match=r"stay float after onnxruntime's optimisations") as caught:
+        result = export_onnx(qmodel, x, tmp_path / "m.onnx")
+    assert str(caught[0].message).count("stays float") == len(result.float_ops)
+    lines = {line.split(" stays float")[0]: line for line in result.float_ops}
+    assert set(lines) == {"Relu at '<model>'", "Conv at 'conv2'", "Conv at 'conv3'", "Add at '<model>'"}
+    assert "fold_activations" in lines["Relu at '<model>'"]
+    assert "an input is not quantized" in lines["Conv at 'conv2'"] and "example_inputs" in lines["Conv at 'conv2'"]
