@@ -220,6 +220,51 @@ class FakeQuantLaunchers:
         return fake_quant_launcher(self.plan, *self.args, x_aligned)
 
 
+class RangeGradsPlan:
+    """The learned-range backward of one quantizer call for gradients laid out like ``grad``: the 2-D view,
+    the split reduction's grid, its partials (reused in stream order) and its two bound launchers.
+    ``plan(grad, x, delta, zero_float, signed)`` returns ``(grad_delta, grad_zero_float)`` (fp32, fresh);
+    None from :meth:`make` when ``grad`` and ``x`` have no common view without copies."""
+
+    __slots__ = ("per_channel", "n_channels", "part_s", "part_z", "partials", "finalize")
+
+    @classmethod
+    def make(cls, grad, x, per_channel: bool, n_bits: int, symmetric: bool):
+        desc = _as_2d([grad, x], per_channel)
+        if desc[-1]:
+            return None
+        self = cls()
+        _, _, rows, cols, ((sg_row, sg_col), (sx_row, sx_col)), _ = desc
+        block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
+            x, rows, cols, per_channel)
+        self.per_channel, self.n_channels = per_channel, n_channels
+        self.part_s = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
+        self.part_z = torch.empty_like(self.part_s)
+        full, half = grid_consts(n_bits)
+        self.partials = Launcher(
+            _range_grads_partials_kernel, (n_programs,),
+            (rows, cols, sg_row, sg_col, sx_row, sx_col, n_split, full, half),
+            dict(SYMMETRIC=bool(symmetric), PER_CHANNEL=per_channel, BLOCK_C=block_c, BLOCK_R=block_r),
+            dict(num_warps=num_warps, **LAUNCH_OPTS)) if n_programs > 0 else None
+        fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
+        self.finalize = Launcher(
+            _range_grads_finalize_kernel, (triton.cdiv(n_channels, fin_c),), (n_channels, n_partials, full),
+            dict(SYMMETRIC=bool(symmetric), BLOCK_C=fin_c, BLOCK_P=fin_p), dict(LAUNCH_OPTS)
+        ) if n_channels > 0 else None
+        return self
+
+    def __call__(self, grad, x, delta, zero_float, signed):
+        grad_delta = torch.empty(delta.shape, dtype=torch.float32, device=x.device)
+        grad_zf = torch.empty(zero_float.shape, dtype=torch.float32, device=x.device)
+        if self.partials is not None:
+            if grad.data_ptr() % 16 or x.data_ptr() % 16:  # the bound variant assumed aligned views
+                grad, x = grad.clone(), x.clone()
+            self.partials(grad, x, delta, zero_float, signed, self.part_s, self.part_z)
+        if self.finalize is not None:
+            self.finalize(self.part_s, self.part_z, delta, zero_float, grad_delta, grad_zf)
+        return grad_delta, grad_zf
+
+
 # --------------------------------------------------------------------------------------
 # Functional entry points (the registered ops)
 # --------------------------------------------------------------------------------------

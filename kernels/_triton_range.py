@@ -244,6 +244,17 @@ def _update_range_kernel(
         tl.store(p_count, 0)
 
 
+@triton.jit(do_not_specialize_on_alignment=["p_bmin", "p_bmax", "p_rmin", "p_rmax", "p_delta", "p_zf", "p_signed"])
+def _finalize_range_kernel(
+    p_bmin, p_bmax, p_rmin, p_rmax, p_delta, p_zf, p_signed, C, one_minus_m, m, full, half,
+    SYMMETRIC: tl.constexpr, RULE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``finalize_range`` in one program: the running range and the parameters from a batch range
+    ``[C]`` (the synchronised-ranges path, after the batch range was all-reduced)."""
+    _finalize_state(p_bmin, p_bmax, p_rmin, p_rmax, p_delta, p_zf, p_signed, C, 1,
+                    one_minus_m, m, full, half, SYMMETRIC, RULE, BLOCK_C, 1)
+
+
 def _check_input(x: torch.Tensor, axis: int, op: str) -> bool:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
@@ -288,6 +299,23 @@ def batch_minmax_triton(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
                 pmin, pmax, bmin, bmax, n_channels, n_partials, BLOCK_C=fin_c, BLOCK_P=fin_p,
             )
     return bmin, bmax
+
+
+def finalize_range_triton(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits: int,
+                          symmetric: bool, estimator: int, momentum: float, first: bool) -> None:
+    """``finalize_range`` (``range_update.py``) in one launch: fp32 contiguous 0-dim or ``[C]`` tensors on
+    one CUDA device (or CPU tensors in the interpreter), written in place; no host synchronisation."""
+    c = bmin.numel()
+    if c == 0:
+        return
+    full, half = grid_consts(n_bits)
+    block_c, _ = _finalize_blocks(c, 1)
+    with device_ctx(bmin):
+        _finalize_range_kernel[(1,)](
+            bmin.contiguous(), bmax.contiguous(), range_min, range_max, delta, zero_float, signed, c,
+            1.0 - momentum, momentum, full, half,
+            SYMMETRIC=bool(symmetric), RULE=range_rule(estimator, first), BLOCK_C=block_c, **LAUNCH_OPTS,
+        )
 
 
 def update_range_triton(

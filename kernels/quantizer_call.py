@@ -335,6 +335,7 @@ class _TritonCall(QuantizerCall):
         (self._dd, self._kd), (self._dz, self._kz), (self._ds, self._ks) = self.state[:3]
         (self._dlo, self._klo), (self._dhi, self._khi) = self.state[3:5]
         (self._dws, self._kws), (self._dcnt, self._kcnt) = self.state[5:7]
+        self._grad_plans: dict = {}  # learned ranges' backward, by the gradient's strides
 
     def train(self, x):
         d, z, s = self._dd[self._kd], self._dz[self._kz], self._ds[self._ks]
@@ -355,10 +356,18 @@ class _TritonCall(QuantizerCall):
         return _MaskedFakeQuant.apply(x, self, (delta, zero_float, signed))
 
     def range_grads(self, grad, x, delta, zero_float, signed):
-        from ._triton_fake_quant import fake_quant_range_grads_triton
+        """The LSQ gradients through a plan per gradient layout (bound launchers, reused partials)."""
+        from ._triton_fake_quant import RangeGradsPlan, fake_quant_range_grads_triton
 
-        return fake_quant_range_grads_triton(grad, x, delta, zero_float, signed, self.n_bits, self.symmetric,
-                                             self.axis)
+        key = grad.stride()
+        plans = self._grad_plans
+        if key not in plans:
+            plans[key] = RangeGradsPlan.make(grad, x, self.plan.per_channel, self.n_bits, self.symmetric)
+        plan = plans[key]
+        if plan is None:  # no common view without copies: the functional path copies
+            return fake_quant_range_grads_triton(grad, x, delta, zero_float, signed, self.n_bits, self.symmetric,
+                                                 self.axis)
+        return plan(grad, x, delta, zero_float, signed)
 
 
 class _ReferenceCall(QuantizerCall):

@@ -158,6 +158,12 @@ def _finalize_range_op(
     first: bool,
 ) -> None:
     """Update the running range from a batch range and write the quantizer parameters in place."""
+    if backend.resolve(bmin) == "triton":
+        from ._triton_range import finalize_range_triton
+
+        finalize_range_triton(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
+                              estimator, momentum, first)
+        return
     _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
                     estimator, momentum, first)
 

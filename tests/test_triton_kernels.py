@@ -334,6 +334,30 @@ def test_update_range_first_then_next(shape, axis, view, symmetric, kind, estima
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
+def test_finalize_range_is_one_launch_of_the_reference(axis, symmetric, estimator):
+    """The synchronised-ranges half (after the all-reduce): a batch range into the state, as
+    ``_finalize_torch`` does, NaN old ranges ("no range yet") and a non-finite batch channel included."""
+    channels = 5
+    shape = () if axis < 0 else (channels,)
+    state = new_state(axis, channels)
+    if axis == 0:
+        state[0][1] = state[1][1] = float("nan")
+    for step, scale in enumerate((1.0, 2.5)):
+        bmin, bmax = -torch.rand(shape) * scale, torch.rand(shape) * scale
+        if axis == 0:
+            bmin[2], bmax[2] = float("inf"), float("-inf")  # no finite value in this channel
+        expected = [t.clone() for t in state]
+        _finalize_torch(bmin, bmax, *expected, 8, symmetric, estimator, 0.9, step == 0)
+        actual = [t.to(DEV) for t in state]
+        K.finalize_range(bmin.to(DEV), bmax.to(DEV), *actual, 8, symmetric, estimator, 0.9, step == 0)
+        for name, a, e in zip(("range_min", "range_max", "delta", "zero_float", "signed"), actual, expected):
+            assert_bits_equal(a, e, f"step {step}: {name}")
+        state = expected
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
 def test_update_range_nonfinite(axis, symmetric, estimator):
     """NaN/inf never reach the range; an all-non-finite batch (or channel) keeps a safe range."""
     x = torch.randn(4, 33)

@@ -165,11 +165,17 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
 
 
 def _all_reduce_range(bmin: torch.Tensor, bmax: torch.Tensor, process_group) -> None:
+    """``bmin``/``bmax`` become the minimum / maximum over the process group, in place: one collective
+    (a MIN over ``[bmin, -bmax]``; a zero maximum is +0.0, so its negation round-trips)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bmin, op=dist.ReduceOp.MIN, group=process_group)
-        dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=process_group)
+        packed = torch.cat([bmin.reshape(-1), bmax.reshape(-1).neg()])
+        dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=process_group)
+        n = bmin.numel()
+        bmin.copy_(packed[:n].view_as(bmin))
+        torch.neg(packed[n:], out=packed[n:])
+        bmax.copy_(packed[n:].view_as(bmax))
 
 
 @register_range_estimator(RangeEstimators.current_minmax)
