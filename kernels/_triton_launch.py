@@ -29,12 +29,18 @@ import torch
 
 from ._triton import INTERPRET, triton
 
-__all__ = ["Launcher", "aligned"]
+__all__ = ["Launcher", "aligned", "by_alignment"]
 
 
 def aligned(t: torch.Tensor) -> bool:
     """Whether ``t``'s data pointer has the 16-byte alignment Triton specialises pointers on."""
     return t.data_ptr() % 16 == 0
+
+
+def by_alignment(make) -> tuple:
+    """``(make(False), make(True))``: a launcher per 16-byte alignment of a call's input (``make(aligned)``
+    returns a fresh or plan-cached launcher), indexed by ``ptr % 16 == 0``."""
+    return make(False), make(True)
 
 
 def _no_stream(_device) -> int:
@@ -71,7 +77,8 @@ class Launcher:
 
     def unbound(self, *args, wrap=None) -> None:
         """Launch through ``kernel[grid]`` without binding; ``wrap``: ``wrap_triton`` inside a ``triton_op``
-        (inductor launches the kernel with its own options: it takes ``num_warps``, not ``enable_fp_fusion``)."""
+        (inductor launches the kernel with its own options: it takes ``num_warps``, not ``enable_fp_fusion``;
+        the quantizer kernels' values do not depend on contraction, see ``_triton_ops``)."""
         if wrap is None:
             self.kernel[self.grid](*args, *self.tail, **self.constexprs, **self.options)
             return
