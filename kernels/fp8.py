@@ -212,7 +212,9 @@ def fp8_update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.
                      state: tuple | None = None) -> None:
     """The op's work from eager or traced code. ``state``: the quantizer's ``(zero_float, signed, workspace,
     arrivals)``; with it, traced code on the Triton lane calls ``tquant::update_range_triton`` with the FP8 grid
-    (a ``triton_op``: inductor launches the kernel itself), else the registered op ``tquant::fp8_update_range``."""
+    (a ``triton_op``: inductor launches the kernel itself), else the registered op ``tquant::fp8_update_range``.
+    Eager code runs the implementation with temporaries for those (a quantizer's eager calls are planned:
+    ``fp8_call``)."""
     if not torch.compiler.is_compiling():
         _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first)
         return
