@@ -6,16 +6,19 @@ call, lane by lane, against the same harness's ``y = x * 1.0`` and torch's fused
 
 - ``tquant triton``: on a CPU, the Triton lane with its launches stubbed (``tquant.kernels.triton_offline``:
   a compiled-Triton process, CPU tensors standing in for CUDA ones, nothing runs): everything the host pays
-  but Triton's C launcher and the driver. On a CUDA device it runs for real;
+  but Triton's C launcher and the driver (a launch that does not go through a bound launcher still pays
+  ``JITFunction.run``'s binding and cache lookup). On a CUDA device it runs for real;
 - the CPU lanes as they run here (``torch``, and the small-tensor lane that ``auto`` picks), compute included;
 - ``x * 1.0`` (the baseline that is subtracted) and ``torch.fused_moving_avg_obs_fake_quant``.
 
-The quantizer is a ``QuantizationManager`` (asymmetric, 8 bits, running min/max) in training mode. Each
-provider is timed as ``forward`` (the module call on an ``x`` that requires grad: a QAT training forward with
-range estimation) and ``forward+backward`` (``torch.autograd.grad`` of it): microseconds per call, the
-median of rounds of back-to-back calls with the garbage collector paused, every provider in every round.
-On CUDA no call waits for the device: the figure is the host's time. Launches per call are counted on
-the Triton lane. Results go to ``quantizer_host.{csv,json,md}``.
+The quantizer is a ``QuantizationManager`` (asymmetric, 8 bits, running min/max) in training mode; on the
+Triton lane also the formats' quantizers (:data:`FORMATS`): a group-wise W4 g128 weight quantizer (symmetric,
+current min/max, a ``[4, 256]`` weight: two groups per row, 2^10 elements like the others) and an FP8 E4M3
+per-tensor activation quantizer (running min/max). Each provider is timed as ``forward`` (the module call
+on an ``x`` that requires grad: a QAT training forward with range estimation) and ``forward+backward``
+(``torch.autograd.grad`` of it): microseconds per call, the median of rounds of back-to-back calls with the
+garbage collector paused, every provider in every round. On CUDA no call waits for the device: the figure
+is the host's time. Launches per call are counted on the Triton lane. Results go to ``quantizer_host.{csv,json,md}``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ BUDGET_US = {"forward": 10.0, "forward+backward": 20.0}
 MODES = ("forward", "forward+backward")
 BASELINE = "x * 1.0"
 TRITON = "tquant triton"
+GROUP_SHAPE = (4, 256)
+FORMATS = {
+    "tquant triton W4 g128": dict(qmethod="symmetric_uniform", init="current_minmax",
+                                  qparams={"n_bits": 4, "group_size": 128, "weight_shape": GROUP_SHAPE},
+                                  n_channels=GROUP_SHAPE[0], shape=GROUP_SHAPE),
+    "tquant triton fp8 e4m3": dict(qmethod="symmetric_uniform", init="running_minmax",
+                                   qparams={"n_bits": 8, "fmt": "fp8_e4m3"}, n_channels=None, shape=(NUMEL,)),
+}
+"""The formats' quantizers timed on the Triton lane beside the integer one (the same 2^10 elements)."""
 CSV_FIELDS = ["run_id", "device", "torch", "numel", "provider", "mode", "us_per_call", "over_baseline_us",
               "launches_per_call"]
 
@@ -46,6 +58,13 @@ def _manager(device: torch.device):
 
     return tquant.QuantizationManager(tquant.QMethods.asymmetric_uniform, tquant.RangeEstimators.running_minmax,
                                       qparams={"n_bits": 8}).to(device).train()
+
+
+def _format_manager(device: torch.device, spec: dict):
+    import tquant
+
+    return tquant.QuantizationManager(tquant.QMethods[spec["qmethod"]], tquant.RangeEstimators[spec["init"]],
+                                      qparams=spec["qparams"], n_channels=spec["n_channels"]).to(device).train()
 
 
 def _fused_op(x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -65,6 +84,10 @@ def _on_lane(qm, x: torch.Tensor, lane: str) -> Callable[[], torch.Tensor]:
         return qm(x)
 
     return forward
+
+
+def _with_backward(forward: Callable[[], torch.Tensor], x: torch.Tensor, grad: torch.Tensor):
+    return lambda: torch.autograd.grad(forward(), x, grad)
 
 
 def _timed(fns: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
@@ -127,7 +150,7 @@ def _triton_session(device: torch.device):
         return None, "tquant triton: this process runs Triton's interpreter (TRITON_INTERPRET=1); run without it"
     from tquant.kernels import triton_offline
 
-    return triton_offline.offline(), None
+    return triton_offline.offline(jit_run=True), None
 
 
 def measure(device: torch.device, calls: int = 2000, rounds: int = 7, log=print) -> tuple[list[dict], list[str]]:
@@ -148,26 +171,33 @@ def measure(device: torch.device, calls: int = 2000, rounds: int = 7, log=print)
         notes.append(note)
     timings: dict[tuple[str, str], float] = {}
     launches: dict[str, float] = {}
+    inputs = {}  # provider: (x, grad) when not the shared x
     with session or contextlib.nullcontext():
         if session is not None:
-            forwards[TRITON] = _on_lane(_manager(device), x, "triton" if device.type == "cpu" else "auto")
-        full = {name: (lambda f=f: torch.autograd.grad(f(), x, g)) for name, f in forwards.items()}
+            lane = "triton" if device.type == "cpu" else "auto"
+            forwards[TRITON] = _on_lane(_manager(device), x, lane)
+            for name, spec in FORMATS.items():
+                xf = x.detach().reshape(spec["shape"]).clone().requires_grad_(True)
+                inputs[name] = xf, g.reshape(spec["shape"])
+                forwards[name] = _on_lane(_format_manager(device, spec), xf, lane)
+        full = {name: _with_backward(f, *inputs.get(name, (x, g))) for name, f in forwards.items()}
+        triton_lanes = [TRITON, *FORMATS] if session is not None else []
         try:
             for mode, fns in (("forward", forwards), ("forward+backward", full)):
                 for name, us in _timed(fns, calls, rounds).items():
                     timings[(name, mode)] = us
-                if session is not None:
+                for name in triton_lanes:
                     with _counting_launches() as count:
                         for _ in range(10):
-                            fns[TRITON]()
-                    launches[mode] = count[0] / 10
+                            fns[name]()
+                    launches[(name, mode)] = count[0] / 10
         finally:
             set_backend(previous)
     rows = []
     for (name, mode), us in timings.items():
         rows.append({"numel": NUMEL, "provider": name, "mode": mode, "us_per_call": us,
                      "over_baseline_us": us - timings[(BASELINE, mode)],
-                     "launches_per_call": launches.get(mode) if name == TRITON else None})
+                     "launches_per_call": launches.get((name, mode))})
     for mode in MODES:
         line = "  ".join(f"{r['provider']}={r['us_per_call']:.1f}" for r in rows if r["mode"] == mode)
         log(f"{mode:<17} us/call: {line}")
@@ -193,24 +223,28 @@ def write_markdown(path: Path, env: dict, rows: list[dict], notes: list[str], st
         f"# Host cost per quantizer call, 2^10 fp32 elements — {env['device']}",
         "",
         "Generated by `tquant bench quantizer --host`. A `QuantizationManager` (asymmetric, 8 bits, running "
-        "min/max) in training mode: `forward` is the module call on an `x` that requires grad, `fwd+bwd` "
+        "min/max) in training mode; on the Triton lane also a group-wise W4 g128 weight quantizer (symmetric, "
+        f"current min/max, a {GROUP_SHAPE[0]}x{GROUP_SHAPE[1]} weight) and an FP8 E4M3 per-tensor activation "
+        "quantizer (running min/max): `forward` is the module call on an `x` that requires grad, `fwd+bwd` "
         "`torch.autograd.grad` of it; microseconds per call (median of rounds of back-to-back calls, every "
         "provider in every round), and the same minus the `x * 1.0` baseline."
         + (" The Triton lane runs with its launches stubbed (`tquant.kernels.triton_offline`): what the host "
-           "pays apart from Triton's C launcher and the driver." if stubbed else ""),
+           "pays apart from Triton's C launcher and the driver (a launch that does not go through a bound "
+           "launcher pays `JITFunction.run`'s binding and cache lookup)." if stubbed else ""),
         "",
         common.environment_markdown(env),
         "",
         common.markdown_table(table, cols),
         "",
     ]
-    tri = {r["mode"]: r for r in rows if r["provider"] == TRITON}
-    if stubbed and tri:
-        verdicts = [f"{mode} {tri[mode]['over_baseline_us']:.1f} us (budget {BUDGET_US[mode]:g})"
-                    for mode in MODES if mode in tri]
-        ok = all(tri[m]["over_baseline_us"] <= BUDGET_US[m] for m in tri)
-        parts += [f"**Triton lane over the baseline, launches stubbed:** {'; '.join(verdicts)}: "
-                  f"{'within' if ok else 'OVER'} budget.", ""]
+    for name in (TRITON, *FORMATS):
+        tri = {r["mode"]: r for r in rows if r["provider"] == name}
+        if stubbed and tri:
+            verdicts = [f"{mode} {tri[mode]['over_baseline_us']:.1f} us (budget {BUDGET_US[mode]:g})"
+                        for mode in MODES if mode in tri]
+            ok = all(tri[m]["over_baseline_us"] <= BUDGET_US[m] for m in tri)
+            parts += [f"**{name} over the baseline, launches stubbed:** {'; '.join(verdicts)}: "
+                      f"{'within' if ok else 'OVER'} budget.", ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     path.write_text("\n".join(parts), encoding="utf-8")

@@ -221,23 +221,19 @@ class FakeQuantLaunchers:
 
 
 class RangeGradsPlan:
-    """The learned-range backward of one quantizer call for gradients laid out like ``grad``: the 2-D view,
-    the split reduction's grid, its partials (reused in stream order) and its two bound launchers.
-    ``plan(grad, x, delta, zero_float, signed)`` returns ``(grad_delta, grad_zero_float)`` (fp32, fresh);
-    None from :meth:`make` when ``grad`` and ``x`` have no common view without copies."""
+    """The learned-range backward for gradients laid out like ``grad``: the 2-D view (``desc``, from
+    :func:`~tquant.kernels._triton_plan._as_2d` of ``[grad, x]``), the split reduction's grid, its partials
+    (reused in stream order) and its two launchers. ``plan(grad, x, delta, zero_float, signed)`` launches them
+    bound (a quantizer call's plan, from :meth:`make`: None when ``grad`` and ``x`` have no common view without
+    copies); :meth:`unbound` launches them on the views ``desc`` holds (the functional op; ``wrap``: the
+    ``triton_op``). Both return ``(grad_delta, grad_zero_float)``, fp32, fresh."""
 
-    __slots__ = ("per_channel", "n_channels", "part_s", "part_z", "partials", "finalize")
+    __slots__ = ("part_s", "part_z", "partials", "finalize")
 
-    @classmethod
-    def make(cls, grad, x, per_channel: bool, n_bits: int, symmetric: bool):
-        desc = _as_2d([grad, x], per_channel)
-        if desc[-1]:
-            return None
-        self = cls()
+    def __init__(self, desc, x, per_channel: bool, n_bits: int, symmetric: bool):
         _, _, rows, cols, ((sg_row, sg_col), (sx_row, sx_col)), _ = desc
         block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
             x, rows, cols, per_channel)
-        self.per_channel, self.n_channels = per_channel, n_channels
         self.part_s = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
         self.part_z = torch.empty_like(self.part_s)
         full, half = grid_consts(n_bits)
@@ -251,17 +247,30 @@ class RangeGradsPlan:
             _range_grads_finalize_kernel, (triton.cdiv(n_channels, fin_c),), (n_channels, n_partials, full),
             dict(SYMMETRIC=bool(symmetric), BLOCK_C=fin_c, BLOCK_P=fin_p), dict(LAUNCH_OPTS)
         ) if n_channels > 0 else None
-        return self
+
+    @classmethod
+    def make(cls, grad, x, per_channel: bool, n_bits: int, symmetric: bool):
+        desc = _as_2d([grad, x], per_channel)
+        return None if desc[-1] else cls(desc, x, per_channel, n_bits, symmetric)
 
     def __call__(self, grad, x, delta, zero_float, signed):
+        if self.partials is not None and (grad.data_ptr() % 16 or x.data_ptr() % 16):
+            grad, x = grad.clone(), x.clone()  # the bound variant assumed aligned views
+        return self._launch(grad, x, delta, zero_float, signed, self.partials, self.finalize)
+
+    def unbound(self, grad, x, delta, zero_float, signed, wrap=None):
+        def unbound(launcher):
+            return None if launcher is None else lambda *args: launcher.unbound(*args, wrap=wrap)
+
+        return self._launch(grad, x, delta, zero_float, signed, unbound(self.partials), unbound(self.finalize))
+
+    def _launch(self, grad, x, delta, zero_float, signed, partials, finalize):
         grad_delta = torch.empty(delta.shape, dtype=torch.float32, device=x.device)
         grad_zf = torch.empty(zero_float.shape, dtype=torch.float32, device=x.device)
-        if self.partials is not None:
-            if grad.data_ptr() % 16 or x.data_ptr() % 16:  # the bound variant assumed aligned views
-                grad, x = grad.clone(), x.clone()
-            self.partials(grad, x, delta, zero_float, signed, self.part_s, self.part_z)
-        if self.finalize is not None:
-            self.finalize(self.part_s, self.part_z, delta, zero_float, grad_delta, grad_zf)
+        if partials is not None:
+            partials(grad, x, delta, zero_float, signed, self.part_s, self.part_z)
+        if finalize is not None:
+            finalize(self.part_s, self.part_z, delta, zero_float, grad_delta, grad_zf)
         return grad_delta, grad_zf
 
 
@@ -331,28 +340,8 @@ def fake_quant_range_grads_triton(
             f"fake_quant_range_grads: grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}"
         )
     _check_signed(signed)
-    delta_c, zf_c = delta.contiguous(), zero_float.contiguous()
-    (gv, xv), _, rows, cols, ((sg_row, sg_col), (sx_row, sx_col)), _ = _as_2d([grad, x], per_channel)
-    block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
-        x, rows, cols, per_channel
-    )
-    part_s = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
-    part_z = part_s if symmetric else torch.empty_like(part_s)
-    grad_delta = torch.empty(delta.shape, dtype=torch.float32, device=x.device)
-    grad_zf = torch.empty(zero_float.shape, dtype=torch.float32, device=x.device)
-    full, half = grid_consts(n_bits)
+    desc = _as_2d([grad, x], per_channel)
     with device_ctx(x):
-        if n_programs > 0:
-            _range_grads_partials_kernel[(n_programs,)](
-                gv, xv, delta_c, zf_c, signed, part_s, part_z,
-                rows, cols, sg_row, sg_col, sx_row, sx_col, n_split, full, half,
-                SYMMETRIC=bool(symmetric), PER_CHANNEL=per_channel,
-                BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps, **LAUNCH_OPTS,
-            )
-        if n_channels > 0:
-            fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
-            _range_grads_finalize_kernel[(triton.cdiv(n_channels, fin_c),)](
-                part_s, part_z, delta_c, zf_c, grad_delta, grad_zf, n_channels, n_partials, full,
-                SYMMETRIC=bool(symmetric), BLOCK_C=fin_c, BLOCK_P=fin_p, **LAUNCH_OPTS,
-            )
+        grad_delta, grad_zf = RangeGradsPlan(desc, x, per_channel, n_bits, symmetric).unbound(
+            *desc[0], delta.contiguous(), zero_float.contiguous(), signed)
     return grad_delta.to(delta.dtype), grad_zf.to(zero_float.dtype)

@@ -11,6 +11,11 @@ keeps the sign of zero, as ``Tensor.to(float8)`` does.
 Memory: a dense input (any dim order) is processed over its storage, so the output has the input's
 layout (``torch.empty_like``) with no copy; per channel that needs dim 0 outermost (true of weights).
 Other inputs go through contiguous temporaries.
+
+Host side: an :class:`Fp8Plan` states each kernel's launch once, as a
+:class:`~tquant.kernels._triton_launch.Launcher`; the manager's planned call (:class:`Fp8TritonCall`) keeps
+its launchers bound (no ``JITFunction.run`` per launch), the functional ops plan per call and launch
+unbound, and the ``triton_op`` functions through ``wrap_triton``, with the same arguments.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from torch.library import triton_op, wrap_triton
 
 from ._masked_autograd import masked_autograd
 from ._triton import tl, triton
+from ._triton_launch import Launcher, by_alignment
 from ._triton_math import _clamp, _round_half_even
-from ._triton_plan import LAUNCH_OPTS, device_ctx
+from ._triton_plan import LAUNCH_OPTS, TritonPlan, device_ctx
+from ._triton_range import range_rule, update_range_launcher
 from .fp8_reference import fp8_max
+from .quantizer_call import TritonLaneCall
 
-__all__ = ["FP8_BITS", "fp8_fake_quant_triton", "fp8_range_grads_triton"]
+__all__ = ["FP8_BITS", "Fp8Plan", "Fp8TritonCall", "fp8_fake_quant_triton", "fp8_range_grads_triton"]
 
 FP8_BITS = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}
 """``(mantissa bits, smallest normal exponent)`` of each format."""
@@ -51,7 +59,7 @@ def _fp8_codes(x, d, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr
     return scale, v, _fp8_round(_clamp(v, -FMAX, FMAX), MBITS, EMIN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_delta"])
 def _fp8_fake_quant_kernel(
     p_x, p_y, p_mask, p_delta, N, ROW,
     FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
@@ -72,7 +80,7 @@ def _fp8_fake_quant_kernel(
         tl.store(p_mask + offs, ((v >= -FMAX) & (v <= FMAX)).to(tl.uint8), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_delta"])
 def _fp8_range_grads_kernel(
     p_g, p_x, p_delta, p_out, ROW, P,
     FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
@@ -99,75 +107,152 @@ def _fp8_range_grads_kernel(
     tl.store(p_out + pid, tl.sum(acc, axis=0))
 
 
-def _flat(x: torch.Tensor, per_channel: bool) -> torch.Tensor | None:
-    """``x``'s storage as a 1-D view when the kernels may walk it in memory order, else None."""
+def _flat(x: torch.Tensor, per_channel: bool) -> bool:
+    """Whether the kernels may walk ``x``'s storage in memory order as its elements (dense; per channel, dim 0
+    outermost) and write ``torch.empty_like(x)`` the same way."""
     if x.is_contiguous():
-        return x.view(-1)
+        return True
     y = torch.empty_like(x, device="meta")
     if y.stride() != x.stride():  # not dense: empty_like lays it out afresh
-        return None
-    if per_channel and x.dim() and x.shape[0] > 1 and x.stride(0) != x.numel() // x.shape[0]:
-        return None
-    return x.as_strided((x.numel(),), (1,))
+        return False
+    return not (per_channel and x.dim() and x.shape[0] > 1 and x.stride(0) != x.numel() // x.shape[0])
+
+
+class Fp8Plan:
+    """How the FP8 kernels run on inputs like ``x`` (shape, strides, dtype) with ``fmt`` and ``axis``: whether
+    ``x`` is walked over its storage (``staged``: through contiguous temporaries instead), the sizes, and a
+    :class:`~tquant.kernels._triton_launch.Launcher` per kernel variant (leading arguments: the pointers)."""
+
+    __slots__ = ("fmt", "per_channel", "staged", "n", "row", "rows", "splits")
+
+    def __init__(self, x: torch.Tensor, fmt: str, axis: int):
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"fp8_fake_quant: x must be float32, float16 or bfloat16, got {x.dtype}")
+        fp8_max(fmt)
+        self.fmt, self.per_channel = fmt, axis == 0
+        self.staged = not _flat(x, self.per_channel)
+        self.n = x.numel()
+        self.rows = x.shape[0] if self.per_channel else 1
+        self.row = self.n // self.rows if self.rows else 0
+        self.splits = 1 if self.per_channel else max(1, min(_GRAD_SPLITS, triton.cdiv(max(self.row, 1), _BLOCK)))
+
+    def _constexprs(self) -> dict:
+        mbits, emin = FP8_BITS[self.fmt]
+        return dict(FMAX=fp8_max(self.fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=self.per_channel)
+
+    def fake_quant(self, with_mask: bool) -> Launcher:
+        """:func:`_fp8_fake_quant_kernel`: ``(x, y, mask or y, delta)`` over the storage (or contiguous
+        temporaries when ``staged``)."""
+        return Launcher(_fp8_fake_quant_kernel, (triton.cdiv(self.n, _BLOCK),), (self.n, self.row),
+                        dict(self._constexprs(), HAS_MASK=bool(with_mask), BLOCK=_BLOCK),
+                        dict(num_warps=4, **LAUNCH_OPTS))
+
+    def range_grads(self) -> Launcher:
+        """:func:`_fp8_range_grads_kernel`: ``(grad, x, delta, partials)``, ``grad`` and ``x`` contiguous;
+        ``partials``: fp32 ``[rows * splits]``."""
+        return Launcher(_fp8_range_grads_kernel, (self.rows * self.splits,), (self.row, self.splits),
+                        dict(self._constexprs(), BLOCK=_BLOCK), dict(num_warps=4, **LAUNCH_OPTS))
+
+    def outputs(self, x: torch.Tensor, with_mask: bool):
+        """``(y, mask, y_k, mask_k)``: the outputs (``torch.empty_like(x)``'s layout; mask None unless asked) and
+        what the kernel writes (the same tensors, or contiguous temporaries when ``staged``)."""
+        y = torch.empty_like(x)
+        mask = torch.empty_like(x, dtype=torch.bool) if with_mask else None
+        if not self.staged:
+            return y, mask, y, mask
+        return y, mask, torch.empty(x.shape, dtype=x.dtype, device=x.device), (
+            torch.empty(x.shape, dtype=torch.bool, device=x.device) if with_mask else None)
+
+    def finish(self, y, mask, y_k, mask_k) -> None:
+        """Staged: copy the temporaries into the outputs."""
+        if self.staged:
+            y.copy_(y_k)
+            if mask is not None:
+                mask.copy_(mask_k)
+
+    def reduce(self, partials: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``delta`` from the partial sums: their sum per row, gated by ``delta >= EPS``."""
+        total = partials.view(self.rows, self.splits).sum(dim=1)
+        total = total if self.per_channel else total.reshape(())
+        return (total * (delta >= 1e-8)).to(delta.dtype)
 
 
 def fp8_fake_quant_triton(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int, with_mask: bool,
                           wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8_fake_quant`` in one launch: ``(y, mask)`` laid out like ``torch.empty_like(x)`` (mask empty
     unless ``with_mask``)."""
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"fp8_fake_quant: x must be float32, float16 or bfloat16, got {x.dtype}")
-    mbits, emin = FP8_BITS[fmt]
-    per_channel = axis == 0
-    y = torch.empty_like(x)
-    mask = torch.empty_like(x, dtype=torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
-    flat = _flat(x, per_channel)
-    staged = flat is None or (with_mask and _flat(mask, per_channel) is None) or _flat(y, per_channel) is None
-    if staged:
-        flat = x.contiguous().view(-1)
-        y_flat, m_flat = torch.empty_like(flat), torch.empty(flat.shape, dtype=torch.bool, device=x.device)
-    else:
-        y_flat = _flat(y, per_channel)
-        m_flat = _flat(mask, per_channel) if with_mask else y_flat
-    n = x.numel()
-    if n:
-        row = n // x.shape[0] if per_channel else n
+    plan = Fp8Plan(x, fmt, axis)
+    y, mask, y_k, mask_k = plan.outputs(x, with_mask)
+    if plan.n:
         with device_ctx(x):
-            (_fp8_fake_quant_kernel if wrap is None else wrap(_fp8_fake_quant_kernel))[(triton.cdiv(n, _BLOCK),)](
-                flat, y_flat, m_flat.view(torch.uint8) if with_mask else y_flat, delta.contiguous(), n, row,
-                FMAX=fp8_max(fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=per_channel, HAS_MASK=bool(with_mask),
-                BLOCK=_BLOCK, num_warps=4, **(LAUNCH_OPTS if wrap is None else {}),
-            )
-    if staged:
-        y.copy_(y_flat.view(x.shape))
-        if with_mask:
-            mask.copy_(m_flat.view(x.shape))
-    return y, mask
+            plan.fake_quant(with_mask).unbound(x.contiguous() if plan.staged else x, y_k,
+                                               y_k if mask_k is None else mask_k, delta.contiguous(), wrap=wrap)
+    plan.finish(y, mask, y_k, mask_k)
+    return y, (x.new_empty(0, dtype=torch.bool) if mask is None else mask)
 
 
 def fp8_range_grads_triton(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int,
                            wrap=None) -> torch.Tensor:
     """The LSQ gradient of ``delta`` (its shape, fp32): per-row partial sums (one launch), their sum and
     the ``delta >= EPS`` gate."""
-    mbits, emin = FP8_BITS[fmt]
-    per_channel = axis == 0
-    rows = x.shape[0] if per_channel else 1
-    n = x.numel()
-    row = n // rows if rows else 0
-    splits = 1 if per_channel else max(1, min(_GRAD_SPLITS, triton.cdiv(max(row, 1), _BLOCK)))
-    out = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
-    if n:
+    plan = Fp8Plan(x, fmt, axis)
+    partials = torch.empty(plan.rows * plan.splits, dtype=torch.float32, device=x.device)
+    if plan.n:
         with device_ctx(x):
-            (_fp8_range_grads_kernel if wrap is None else wrap(_fp8_range_grads_kernel))[(rows * splits,)](
-                grad.contiguous(), x.contiguous(), delta.contiguous(), out, row, splits,
-                FMAX=fp8_max(fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=per_channel, BLOCK=_BLOCK, num_warps=4,
-                **(LAUNCH_OPTS if wrap is None else {}),
-            )
+            plan.range_grads().unbound(grad.contiguous(), x.contiguous(), delta.contiguous(), partials, wrap=wrap)
     else:
-        out.zero_()
-    total = out.view(rows, splits).sum(dim=1)
-    total = total if per_channel else total.reshape(())
-    return (total * (delta >= 1e-8)).to(delta.dtype)
+        partials.zero_()
+    return plan.reduce(partials, delta)
+
+
+class Fp8TritonCall(TritonLaneCall):
+    """An FP8 quantizer's eager forward on the Triton lane (``fp8.fp8_call``): planned once per input layout,
+    each launch through a bound variant (``_triton_launch``), as the per-tensor lane's ``_TritonCall``.
+    ``train(x)``: two launches, the integer quantizers' one-launch range update with the FP8 grid (``delta =
+    max(|x_min|, x_max) / max``; it writes ``zero_float`` 0 and ``signed`` too), then the fake quantization;
+    ``fixed(x)``: one; autograd as ``QuantizerCall``'s (the 1-byte mask; a learned scale: one more launch and
+    the partials' sum). The state's entries 5 and 6 locate the range-update workspace and its counter."""
+
+    def __init__(self, x: torch.Tensor, fmt: str, axis: int, estimator: int | None, momentum: float, state):
+        super().__init__(8, True, axis, estimator, momentum, state)
+        self.fmt = fmt
+        self.plan = plan = Fp8Plan(x, fmt, axis)
+
+        self._fq = [by_alignment(lambda _, m=m: plan.fake_quant(m)) for m in (False, True)]
+        if self.fused:
+            self.range_plan = rp = TritonPlan(x, axis)
+            top, rule = fp8_max(fmt), range_rule(estimator)
+            self._up = by_alignment(lambda a: update_range_launcher(rp, 8, True, rule, self.momentum, a,
+                                                                    grid=(top, top + 1.0)))
+        self._grads = plan.range_grads()
+        self._partials = torch.empty(plan.rows * plan.splits, dtype=torch.float32, device=x.device)
+
+    def train(self, x):
+        delta, zero_float, signed, range_min, range_max = self.tensors()
+        (ws, kws), (cnt, kcnt) = self.state[5:7]
+        xk = x.contiguous() if self.range_plan.contiguous else x
+        self._up[xk.data_ptr() % 16 == 0](xk, ws[kws], cnt[kcnt], range_min, range_max, delta, zero_float, signed)
+        return self.apply(x, delta, zero_float, signed)
+
+    def forward(self, x, delta, zero_float, signed, with_mask):
+        plan = self.plan
+        y, mask, y_k, mask_k = plan.outputs(x, with_mask)
+        if plan.n:
+            xk = x.contiguous() if plan.staged else x
+            self._fq[with_mask][xk.data_ptr() % 16 == 0](xk, y_k, y_k if mask_k is None else mask_k, delta)
+        plan.finish(y, mask, y_k, mask_k)
+        return y, mask
+
+    def range_grads(self, grad, x, delta, zero_float, signed):
+        partials = self._partials  # reused in stream order: the sum below reads it before the next launch
+        if self.plan.n:
+            grad, x = grad.contiguous(), x.contiguous()
+            if grad.data_ptr() % 16 or x.data_ptr() % 16:  # the bound variant assumes aligned tensors
+                grad, x = grad.clone(), x.clone()
+            self._grads(grad, x, delta, partials)
+        else:
+            partials.zero_()
+        return self.plan.reduce(partials, delta), None
 
 
 # the same launches as torch.library.triton_op: what traced code calls on GPU tensors (see _triton_ops.py;

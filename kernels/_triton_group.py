@@ -12,7 +12,14 @@ groups' range, ``delta`` and ``zero_float``) and two for symmetric ones, whose g
 sign of every group (one flag per quantizer): the range kernel folds its programs' signs into a
 device flag with an atomic max and the last program to arrive (an arrival counter) publishes
 ``signed`` and resets both, with no host synchronisation; a second, elementwise kernel then computes
-``delta``. ``group_fake_quant`` is one launch; its LSQ gradients one more.
+``delta``. ``group_fake_quant`` is one launch; its LSQ gradients one more. A quantizer's training forward
+(:class:`GroupTritonCall`) is two launches either way: symmetric, the fake quantization computes and
+stores ``delta`` from the new range on its way.
+
+Host side: a :class:`GroupPlan` states each kernel's launch (geometry, tiles, trailing arguments) once, as
+a :class:`~tquant.kernels._triton_launch.Launcher`. The manager's planned call keeps its launchers bound
+(no ``JITFunction.run`` per launch); the functional ops plan per call and launch unbound, and the
+``triton_op`` functions through ``wrap_triton``, with the same arguments.
 
 Numerics are the reference's bit for bit (``tl.math.div_rn``, the portable round half to even, NaN-
 and signed-zero-faithful min/max/clamp from ``_triton_math``, no FMA contraction).
@@ -25,17 +32,20 @@ from torch.library import triton_op, wrap_triton
 
 from ._masked_autograd import masked_autograd
 from ._triton import tl, triton
+from ._triton_launch import Launcher, by_alignment
 from ._triton_math import _clamp, _maximum, _minimum, _qparams, _round_half_even
 from ._triton_plan import LAUNCH_OPTS, _next_pow2, device_ctx
-from ._triton_range import _ema
+from ._triton_range import _ema, range_rule
 from .group_reference import group_shape
+from .quantizer_call import TritonLaneCall
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
 
 __all__ = [
+    "GroupPlan",
+    "GroupTritonCall",
     "group_fake_quant_triton",
     "group_minmax_triton",
     "group_range_grads_triton",
-    "group_train_triton",
     "group_update_range_triton",
 ]
 
@@ -43,8 +53,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements of one tile; the columns of a group per step. Tests shrink them to exercise the loops.
 _MAX_TILE = 2048
 _MAX_BLOCK_T = 1024
-
-_RULE_BATCH, _RULE_ALL, _RULE_EMA = 0, 1, 2
 
 
 @triton.jit
@@ -65,7 +73,7 @@ def _symmetric_delta(p_rmin, p_rmax, p_signed, q, qmask, full, half):
     return tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_delta", "p_zf", "p_signed", "p_rmin", "p_rmax"])
 def _group_fake_quant_kernel(
     p_x, p_y, p_mask, p_delta, p_zf, p_signed, p_rmin, p_rmax,
     Q, NG, K, L, full, half,
@@ -98,7 +106,7 @@ def _group_fake_quant_kernel(
     y = scale * (_clamp(v, qmin, qmax) - zp)
     tl.store(p_y + offs, y.to(p_y.dtype.element_ty), mask=m)
     if HAS_MASK:
-        tl.store(p_mask + offs, ((v >= qmin) & (v <= qmax)).to(tl.uint8), mask=m)
+        tl.store(p_mask + offs, (v >= qmin) & (v <= qmax), mask=m)
 
 
 @triton.jit
@@ -124,13 +132,14 @@ def _group_minmax_kernel(p_x, p_bmin, p_bmax, Q, NG, K, L, BLOCK_G: tl.constexpr
     tl.store(p_bmax + q, bmax, mask=q < Q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_rmin", "p_rmax", "p_delta", "p_zf", "p_signed", "p_work"])
 def _group_range_kernel(
     p_x, p_rmin, p_rmax, p_delta, p_zf, p_signed, p_work,
     Q, NG, K, L, N_PROGRAMS, one_minus_m, m, full,
     SYMMETRIC: tl.constexpr, RULE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Batch range of each group, the estimator's update (``update_range_reference``), then, asymmetric,
+    """Batch range of each group, the estimator's update (``update_range_reference``; ``RULE`` as
+    ``_triton_range.range_rule`` gives it), then, asymmetric,
     ``delta`` and ``zero_float``; symmetric, the sign flag (``p_work``: ``[neg, arrivals]``, 0 between
     launches; the last program to arrive stores ``signed`` and resets them)."""
     q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
@@ -156,7 +165,7 @@ def _group_range_kernel(
         done = tl.atomic_add(p_work + 1, 1, sem="acq_rel")
         if done == N_PROGRAMS - 1:
             signed = tl.atomic_xchg(p_work, 0, sem="acquire")
-            tl.store(p_signed, (signed > 0).to(tl.uint8))
+            tl.store(p_signed, signed > 0)
             tl.store(p_work + 1, 0)
     else:
         x_max = _maximum(new_max, 1e-8)
@@ -166,7 +175,7 @@ def _group_range_kernel(
         tl.store(p_zf + q, tl.math.div_rn(x_min * -1.0, delta), mask=qmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_rmin", "p_rmax", "p_delta", "p_zf", "p_signed"])
 def _group_symmetric_qparams_kernel(p_rmin, p_rmax, p_delta, p_zf, p_signed, Q, full, half,
                                     BLOCK: tl.constexpr):
     """Symmetric ``delta`` per group, once ``signed`` is known; ``zero_float = 0``."""
@@ -176,7 +185,7 @@ def _group_symmetric_qparams_kernel(p_rmin, p_rmax, p_delta, p_zf, p_signed, Q, 
     tl.store(p_zf + q, tl.zeros([BLOCK], dtype=tl.float32), mask=qmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_delta", "p_zf", "p_signed"])
 def _group_range_grads_kernel(
     p_g, p_x, p_delta, p_zf, p_signed, p_gd, p_gz,
     Q, NG, K, L, full, half,
@@ -211,20 +220,8 @@ def _group_range_grads_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# launchers
+# launch plans
 # --------------------------------------------------------------------------------------------
-
-
-def _k(kernel, wrap):
-    """``kernel`` to launch: as it is (eager), or ``wrap(kernel)`` (``wrap_triton`` inside a ``triton_op``: the
-    launch becomes a node that inductor launches itself)."""
-    return kernel if wrap is None else wrap(kernel)
-
-
-def _opts(wrap) -> dict:
-    # inductor takes no enable_fp_fusion: these kernels' values do not depend on contraction (no product
-    # feeds an add unless it is exact: a power-of-two scaling, or behind a select, as in _ema)
-    return LAUNCH_OPTS if wrap is None else {}
 
 
 def _blocks(q: int, group_len: int) -> tuple[int, int, int]:
@@ -235,65 +232,107 @@ def _blocks(q: int, group_len: int) -> tuple[int, int, int]:
     return block_g, block_t, 8 if tile >= 2048 else (4 if tile >= 256 else 1)
 
 
-def _as_rows(x: torch.Tensor, group_len: int, op: str) -> tuple[torch.Tensor, int, int, int]:
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    c, k, ng = group_shape(x, group_len)
-    return x.reshape(c, k).contiguous(), c, k, ng
-
-
 def _grid_consts(n_bits: int) -> tuple[float, float]:
     if not isinstance(n_bits, int) or not 1 <= n_bits <= 16:
         raise ValueError(f"group quantization: n_bits must be an int in 1..16, got {n_bits!r}")
     return float(2**n_bits - 1), float(2 ** (n_bits - 1))
 
 
-def _u8(signed: torch.Tensor) -> torch.Tensor:
+def _check_signed(signed: torch.Tensor) -> None:
     if signed.dtype != torch.bool or signed.numel() != 1:
         raise ValueError(f"signed must be a one-element bool tensor, got {signed.dtype} of shape {tuple(signed.shape)}")
-    return signed.view(torch.uint8)
+
+
+class GroupPlan:
+    """How the group kernels run on inputs like ``x`` (shape and dtype; any strides) in groups of ``group_len``
+    with ``n_bits`` (None: the min/max kernel only): the ``[C, K]`` geometry, the tiles, and a
+    :class:`~tquant.kernels._triton_launch.Launcher` per kernel variant (leading arguments: the pointers).
+
+    The kernels read ``x`` as the contiguous ``[C, K]`` (``rows(x)``: ``x`` itself when contiguous); outputs
+    are contiguous in ``x``'s shape.
+    """
+
+    __slots__ = ("c", "k", "ng", "q", "group_len", "full", "half", "block_g", "block_t", "num_warps", "copy")
+
+    def __init__(self, x: torch.Tensor, group_len: int, n_bits: int | None, op: str):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+        self.c, self.k, self.ng = group_shape(x, group_len)
+        self.q, self.group_len = self.c * self.ng, group_len
+        self.full, self.half = (0.0, 0.0) if n_bits is None else _grid_consts(n_bits)
+        self.block_g, self.block_t, self.num_warps = _blocks(self.q, group_len)
+        self.copy = not x.is_contiguous()
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the kernels read it: its contiguous ``[C, K]`` storage."""
+        return x.contiguous() if self.copy else x
+
+    def _launcher(self, kernel, grid, tail, constexprs) -> Launcher:
+        return Launcher(kernel, grid, tail, dict(constexprs, BLOCK_G=self.block_g, BLOCK_T=self.block_t),
+                        dict(num_warps=self.num_warps, **LAUNCH_OPTS))
+
+    def fake_quant(self, symmetric: bool, with_mask: bool, from_range: bool) -> Launcher:
+        """:func:`_group_fake_quant_kernel`: ``(x, y, mask or y, delta, zero_float, signed, range_min, range_max)``
+        (the range only read ``from_range``; pass ``delta`` twice otherwise)."""
+        grid = (triton.cdiv(self.q, self.block_g), triton.cdiv(self.group_len, self.block_t))
+        return self._launcher(_group_fake_quant_kernel, grid,
+                              (self.q, self.ng, self.k, self.group_len, self.full, self.half),
+                              dict(SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), FROM_RANGE=bool(from_range)))
+
+    def range(self, symmetric: bool, rule: int, momentum: float) -> Launcher:
+        """:func:`_group_range_kernel`: ``(x, range_min, range_max, delta, zero_float, signed, workspace)``."""
+        n_programs = triton.cdiv(self.q, self.block_g)
+        return self._launcher(_group_range_kernel, (n_programs,),
+                              (self.q, self.ng, self.k, self.group_len, n_programs, 1.0 - momentum, momentum,
+                               self.full), dict(SYMMETRIC=bool(symmetric), RULE=rule))
+
+    def symmetric_qparams(self) -> Launcher:
+        """:func:`_group_symmetric_qparams_kernel`: ``(range_min, range_max, delta, zero_float, signed)``."""
+        block = min(_next_pow2(self.q), 1024)
+        return Launcher(_group_symmetric_qparams_kernel, (triton.cdiv(self.q, block),),
+                        (self.q, self.full, self.half), dict(BLOCK=block), dict(LAUNCH_OPTS))
+
+    def range_grads(self, symmetric: bool) -> Launcher:
+        """:func:`_group_range_grads_kernel`: ``(grad, x, delta, zero_float, signed, grad_delta, grad_zf)``, the
+        gradient laid out as ``x`` is read."""
+        return self._launcher(_group_range_grads_kernel, (triton.cdiv(self.q, self.block_g),),
+                              (self.q, self.ng, self.k, self.group_len, self.full, self.half),
+                              dict(SYMMETRIC=bool(symmetric)))
+
+    def minmax(self) -> Launcher:
+        """:func:`_group_minmax_kernel`: ``(x, batch_min, batch_max)``."""
+        return self._launcher(_group_minmax_kernel, (triton.cdiv(self.q, self.block_g),),
+                              (self.q, self.ng, self.k, self.group_len), {})
+
+
+# --------------------------------------------------------------------------------------------
+# functional entry points (the registered ops; with wrap=wrap_triton, the triton_ops below)
+# --------------------------------------------------------------------------------------------
 
 
 def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric: bool, group_len: int,
-                            with_mask: bool, ranges: tuple | None = None,
-                            wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
+                            with_mask: bool, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``group_fake_quant`` in one launch: ``(y, mask)``, both contiguous in ``x``'s shape (mask empty
-    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference.
-
-    ``ranges=(range_min, range_max)`` (symmetric): compute ``delta`` from them and ``signed`` and write it
-    (and ``zero_float``) on the way, as :func:`group_update_range_triton` would (see :func:`group_train_triton`).
-    """
-    xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant")
-    full, half = _grid_consts(n_bits)
+    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference."""
+    plan = GroupPlan(x, group_len, n_bits, "group_fake_quant")
+    _check_signed(signed)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if with_mask else x.new_empty(0, dtype=torch.bool)
-    q = c * ng
-    if q and k:
-        block_g, block_t, warps = _blocks(q, group_len)
-        grid = (triton.cdiv(q, block_g), triton.cdiv(group_len, block_t))
-        rmin, rmax = ranges if ranges is not None else (delta, delta)
+    if plan.q and plan.k:
         with device_ctx(x):
-            _k(_group_fake_quant_kernel, wrap)[grid](
-                xr, y, mask.view(torch.uint8) if with_mask else y, delta, zero_float, _u8(signed), rmin, rmax,
-                q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), FROM_RANGE=ranges is not None,
-                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_opts(wrap),
-            )
+            plan.fake_quant(symmetric, with_mask, False).unbound(
+                plan.rows(x), y, mask if with_mask else y, delta, zero_float, signed, delta, delta, wrap=wrap)
     return y, mask
 
 
 def group_minmax_triton(x: torch.Tensor, group_len: int, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max (fp32 ``[C, n_groups]``) of the finite values of each group: one launch."""
-    xr, c, k, ng = _as_rows(x.detach(), group_len, "group_minmax")
-    bmin = torch.empty((c, ng), dtype=torch.float32, device=x.device)
-    bmax = torch.empty((c, ng), dtype=torch.float32, device=x.device)
-    q = c * ng
-    if q:
-        block_g, block_t, warps = _blocks(q, group_len)
+    plan = GroupPlan(x, group_len, None, "group_minmax")
+    bmin = torch.empty((plan.c, plan.ng), dtype=torch.float32, device=x.device)
+    bmax = torch.empty((plan.c, plan.ng), dtype=torch.float32, device=x.device)
+    if plan.q:
         with device_ctx(x):
-            _k(_group_minmax_kernel, wrap)[(triton.cdiv(q, block_g),)](
-                xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
-                **_opts(wrap))
+            plan.minmax().unbound(plan.rows(x.detach()), bmin, bmax, wrap=wrap)
     return bmin, bmax
 
 
@@ -311,77 +350,117 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
                               group_len: int, estimator: int, momentum: float, first: bool,
-                              qparams: bool = True, workspace: torch.Tensor | None = None, wrap=None) -> None:
+                              workspace: torch.Tensor | None = None, wrap=None) -> None:
     """``group_update_range`` (see ``group_quant.py``): one launch (asymmetric) or two (symmetric), no host
     synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim).
-    ``qparams=False`` leaves a symmetric ``delta`` to the fake-quant launch that follows (``group_train_triton``);
     ``workspace``: the quantizer's int32 ``[2]`` (zeros between launches), else one per device."""
-    xr, c, k, ng = _as_rows(x.detach(), group_len, "group_update_range")
-    full, half = _grid_consts(n_bits)
+    plan = GroupPlan(x, group_len, n_bits, "group_update_range")
     if estimator not in (ESTIMATOR_CURRENT, ESTIMATOR_ALL, ESTIMATOR_RUNNING):
         raise ValueError(f"group_update_range: unknown estimator code {estimator}")
     for name, t in (("range_min", range_min), ("range_max", range_max), ("delta", delta), ("zero_float", zero_float)):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"group_update_range: {name} must be a contiguous float32 tensor, got {t.dtype}")
-    if first or estimator == ESTIMATOR_CURRENT:
-        rule = _RULE_BATCH
-    else:
-        rule = _RULE_ALL if estimator == ESTIMATOR_ALL else _RULE_EMA
-    q = c * ng
-    signed_u8 = _u8(signed)
-    block_g, block_t, warps = _blocks(q, group_len)
-    n_programs = triton.cdiv(q, block_g)
+    _check_signed(signed)
     with device_ctx(x):
-        if q == 0:
+        if plan.q == 0:
             if symmetric:
                 signed.fill_(False)
             return
-        _k(_group_range_kernel, wrap)[(n_programs,)](
-            xr, range_min, range_max, delta, zero_float, signed_u8,
-            _workspace(x.device) if workspace is None else workspace,
-            q, ng, k, group_len, n_programs, 1.0 - momentum, momentum, full,
-            SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
-            **_opts(wrap),
-        )
-        if symmetric and qparams:
-            block = min(_next_pow2(q), 1024)
-            _k(_group_symmetric_qparams_kernel, wrap)[(triton.cdiv(q, block),)](
-                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_opts(wrap),
-            )
-
-
-def group_train_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
-                       group_len: int, estimator: int, momentum: float, with_mask: bool,
-                       workspace: torch.Tensor | None = None):
-    """A training forward in two launches: the range update, then the fake quantization (which, symmetric,
-    also computes and stores ``delta``). Returns ``(y, mask)`` as :func:`group_fake_quant_triton`; the state is
-    what ``group_update_range`` leaves, bit for bit."""
-    group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
-                              estimator, momentum, False, qparams=not symmetric, workspace=workspace)
-    return group_fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask,
-                                   (range_min, range_max) if symmetric else None)
+        plan.range(symmetric, range_rule(estimator, first), momentum).unbound(
+            plan.rows(x.detach()), range_min, range_max, delta, zero_float, signed,
+            _workspace(x.device) if workspace is None else workspace, wrap=wrap)
+        if symmetric:
+            plan.symmetric_qparams().unbound(range_min, range_max, delta, zero_float, signed, wrap=wrap)
 
 
 def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, symmetric: bool,
                              group_len: int, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """LSQ gradients ``(grad_delta, grad_zero_float)`` (fp32 ``[C, n_groups]``) of ``group_fake_quant``:
     one launch, each group summed by one program (deterministic)."""
-    xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant_range_grads")
+    plan = GroupPlan(x, group_len, n_bits, "group_fake_quant_range_grads")
     if grad.shape != x.shape:
         raise ValueError(f"group_fake_quant_range_grads: grad {tuple(grad.shape)} != x {tuple(x.shape)}")
-    full, half = _grid_consts(n_bits)
-    grad_delta = torch.empty((c, ng), dtype=torch.float32, device=x.device)
-    grad_zf = torch.empty((c, ng), dtype=torch.float32, device=x.device)
-    q = c * ng
-    if q:
-        block_g, block_t, warps = _blocks(q, group_len)
+    _check_signed(signed)
+    grad_delta = torch.empty((plan.c, plan.ng), dtype=torch.float32, device=x.device)
+    grad_zf = torch.empty((plan.c, plan.ng), dtype=torch.float32, device=x.device)
+    if plan.q:
         with device_ctx(x):
-            _k(_group_range_grads_kernel, wrap)[(triton.cdiv(q, block_g),)](
-                grad.reshape(c, k).contiguous(), xr, delta.contiguous(), zero_float.contiguous(), _u8(signed),
-                grad_delta, grad_zf, q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_opts(wrap),
-            )
+            plan.range_grads(symmetric).unbound(grad.contiguous(), plan.rows(x), delta.contiguous(),
+                                                zero_float.contiguous(), signed, grad_delta, grad_zf, wrap=wrap)
     return grad_delta, grad_zf
+
+
+# --------------------------------------------------------------------------------------------
+# the quantization manager's planned call
+# --------------------------------------------------------------------------------------------
+
+
+class GroupTritonCall(TritonLaneCall):
+    """A group-wise quantizer's eager forward on the Triton lane (``group_quant.group_call``): planned once per
+    input layout, each launch through a bound variant (``_triton_launch``), as the per-tensor lane's
+    ``_TritonCall``. ``train(x)``: two launches, the range kernel then the fake quantization (symmetric: it
+    also computes and stores ``delta`` from the new range and ``signed``, the state that ``group_update_range``
+    leaves, bit for bit); ``fixed(x)``: one; autograd as ``QuantizerCall``'s (the 1-byte mask; learned ranges:
+    one more launch for their gradients). State entry 5 locates the estimator's int32 ``[2]`` workspace.
+    """
+
+    def __init__(self, x: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int | None,
+                 momentum: float, state):
+        super().__init__(n_bits, symmetric, 0, estimator, momentum, state)
+        self.plan = plan = GroupPlan(x, group_len, n_bits, "group quantization")
+        self.group_len = group_len
+        self._launch = bool(plan.q and plan.k)
+        self._new = (tuple(x.shape), x.dtype, x.device)
+
+        self._fq = [by_alignment(lambda _, m=m: plan.fake_quant(symmetric, m, False)) for m in (False, True)]
+        self._fq_train = self._fq
+        if symmetric:  # the training forward's fake quantization computes delta from the new range
+            self._fq_train = [by_alignment(lambda _, m=m: plan.fake_quant(symmetric, m, True)) for m in (False, True)]
+        if self.fused:
+            rule = range_rule(estimator)
+            self._up = by_alignment(lambda _: plan.range(symmetric, rule, self.momentum))
+        self._grads = plan.range_grads(symmetric)
+        self._ranges = None  # (range_min, range_max) while a training forward fake-quantizes
+
+    def train(self, x):
+        delta, zero_float, signed, range_min, range_max = self.tensors()
+        work, key = self.state[5]
+        if not self.plan.q:
+            if self.symmetric:
+                signed.fill_(False)
+            return self.apply(x, delta, zero_float, signed)
+        xk = self.plan.rows(x)
+        self._up[xk.data_ptr() % 16 == 0](xk, range_min, range_max, delta, zero_float, signed, work[key])
+        if not self.symmetric:
+            return self.apply(x, delta, zero_float, signed)
+        self._ranges = (range_min, range_max)
+        try:
+            return self.apply(x, delta, zero_float, signed)
+        finally:
+            self._ranges = None
+
+    def forward(self, x, delta, zero_float, signed, with_mask):
+        shape, dtype, device = self._new
+        y = torch.empty(shape, dtype=dtype, device=device)
+        mask = torch.empty(shape, dtype=torch.bool, device=device) if with_mask else None
+        if self._launch:
+            xk = self.plan.rows(x)
+            ranges = self._ranges
+            launchers = (self._fq if ranges is None else self._fq_train)[with_mask]
+            launchers[xk.data_ptr() % 16 == 0](xk, y, y if mask is None else mask, delta, zero_float, signed,
+                                               *(ranges or (delta, delta)))
+        return y, mask
+
+    def range_grads(self, grad, x, delta, zero_float, signed):
+        shape = (self.plan.c, self.plan.ng)
+        grad_delta = torch.empty(shape, dtype=torch.float32, device=x.device)
+        grad_zf = torch.empty(shape, dtype=torch.float32, device=x.device)
+        if self.plan.q:
+            grad, x = grad.contiguous(), x.contiguous()
+            if grad.data_ptr() % 16 or x.data_ptr() % 16:  # the bound variant assumes aligned rows
+                grad, x = grad.clone(), x.clone()
+            self._grads(grad, x, delta, zero_float, signed, grad_delta, grad_zf)
+        return grad_delta, grad_zf
 
 
 # --------------------------------------------------------------------------------------------

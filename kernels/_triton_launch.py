@@ -12,6 +12,9 @@ so its plan binds each variant once:
 - In the interpreter (``TRITON_INTERPRET=1``) nothing is compiled: each call is ``kernel[grid](...)``.
 - With a Triton launch hook installed (a profiler) when a launcher binds, it goes through
   ``kernel[grid]`` instead, so the hook sees every launch (hooks added later do not see bound launchers).
+- :meth:`Launcher.unbound` launches through ``kernel[grid]`` and keeps nothing: the functional ops, which
+  plan per call, and, with ``wrap=wrap_triton``, the ``triton_op``s that traced code calls (inductor then
+  launches the kernel itself). One launcher thus states a kernel's arguments for every path.
 
 Contract: the leading arguments passed at call time are the kernel's first parameters, in order; the
 trailing ones are fixed per launcher. Triton specialises pointers on 16-byte alignment and integers on
@@ -26,12 +29,18 @@ import torch
 
 from ._triton import INTERPRET, triton
 
-__all__ = ["Launcher", "aligned"]
+__all__ = ["Launcher", "aligned", "by_alignment"]
 
 
 def aligned(t: torch.Tensor) -> bool:
     """Whether ``t``'s data pointer has the 16-byte alignment Triton specialises pointers on."""
     return t.data_ptr() % 16 == 0
+
+
+def by_alignment(make) -> tuple:
+    """``(make(False), make(True))``: a launcher per 16-byte alignment of a call's input (``make(aligned)``
+    returns a fresh or plan-cached launcher), indexed by ``ptr % 16 == 0``."""
+    return make(False), make(True)
 
 
 def _no_stream(_device) -> int:
@@ -66,13 +75,20 @@ class Launcher:
         run, g0, g1, g2, get_stream, device, function, metadata, rest = bound
         run(g0, g1, g2, get_stream(device), function, metadata, None, None, None, *args, *rest)
 
-    def _slow(self, args):
-        self.kernel[self.grid](*args, *self.tail, **self.constexprs, **self.options)
+    def unbound(self, *args, wrap=None) -> None:
+        """Launch through ``kernel[grid]`` without binding; ``wrap``: ``wrap_triton`` inside a ``triton_op``
+        (inductor launches the kernel with its own options: it takes ``num_warps``, not ``enable_fp_fusion``;
+        the quantizer kernels' values do not depend on contraction, see ``_triton_ops``)."""
+        if wrap is None:
+            self.kernel[self.grid](*args, *self.tail, **self.constexprs, **self.options)
+            return
+        options = {k: v for k, v in self.options.items() if k != "enable_fp_fusion"}
+        wrap(self.kernel)[self.grid](*args, *self.tail, **self.constexprs, **options)
 
     def _first(self, args):
         """Compile (or fetch) the variant for these arguments and launch it; keep what later calls need."""
         if INTERPRET or _launch_hooked():
-            return self._slow(args)
+            return self.unbound(*args)
         full = (*args, *self.tail)
         if list(self.constexprs) != self.kernel.arg_names[len(full):]:
             raise TypeError(f"{self.kernel.__name__}: constexpr parameters must come last, in order")

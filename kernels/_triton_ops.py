@@ -8,7 +8,7 @@ elementwise ops around them as usual. The kernels and their numerics are the eag
 (their products cannot be contracted into FMAs even where inductor enables FP fusion: see ``_ema``).
 
 - ``tquant::update_range_triton`` — the one-launch range update (mutates the state and the workspace);
-- ``tquant::fake_quant_triton`` — ``(y, mask)``; autograd: ``grad * mask`` for ``x`` and, with learned
+- ``tquant::fake_quant_triton`` — ``(y, mask)``; autograd: ``where(mask, grad, 0)`` for ``x`` and, with learned
   ranges, the LSQ gradients of ``delta`` / ``zero_float`` from ``tquant::fake_quant_range_grads_triton``.
 
 Layouts are planned at trace time from the (static) shapes and strides: a new shape retraces.
@@ -22,16 +22,13 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from . import backend
-from ._triton import triton
-from ._triton_fake_quant import _fake_quant_fwd_kernel, _range_grads_finalize_kernel, _range_grads_partials_kernel
-from ._triton_plan import LAUNCH_OPTS, TritonPlan, _as_2d, _finalize_blocks, _split_plan, grid_consts, plans_for_gpu
-from ._triton_range import _update_range_kernel, range_rule
+from ._triton_fake_quant import RangeGradsPlan, fake_quant_launcher
+from ._triton_plan import TritonPlan, _as_2d, plans_for_gpu
+from ._triton_range import range_rule, update_range_launcher
 
 __all__ = ["fake_quant_triton", "traced_triton", "update_range_triton"]
 
 _MUTATED = ("workspace", "arrivals", "range_min", "range_max", "delta", "zero_float", "signed")
-# inductor launches user kernels with its own options; it takes num_warps, not enable_fp_fusion
-_OPTS = {k: v for k, v in LAUNCH_OPTS.items() if k != "enable_fp_fusion"}
 
 
 def traced_triton(x: torch.Tensor) -> bool:
@@ -62,17 +59,10 @@ def update_range_triton(
     (``range_update.range_workspace``). ``fp8_max > 0``: an FP8 quantizer's range (``delta = max(|x_min|,
     x_max) / fp8_max``; ``zero_float`` 0, ``signed`` written but unused)."""
     plan = TritonPlan(x, axis)
-    if plan.contiguous:
-        x = x.contiguous()
-    full, half = (fp8_max, fp8_max + 1.0) if fp8_max > 0 else grid_consts(n_bits)
-    n_programs = max(plan.n_programs, 1)
-    wrap_triton(_update_range_kernel)[(n_programs,)](
-        x, workspace, arrivals, range_min, range_max, delta, zero_float, signed,
-        plan.rows, plan.cols, plan.sx[0], plan.sx[1], plan.n_split, n_programs, plan.n_channels,
-        1.0 - momentum, momentum, full, half,
-        PER_CHANNEL=plan.per_channel, SYMMETRIC=bool(symmetric), RULE=range_rule(estimator, first),
-        BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, FIN_C=plan.fin_c, num_warps=plan.num_warps, **_OPTS,
-    )
+    grid = (fp8_max, fp8_max + 1.0) if fp8_max > 0 else None
+    launcher = update_range_launcher(plan, n_bits, symmetric, range_rule(estimator, first), momentum, True, grid)
+    launcher.unbound(x.contiguous() if plan.contiguous else x, workspace, arrivals, range_min, range_max, delta,
+                     zero_float, signed, wrap=wrap_triton)
 
 
 @triton_op("tquant::fake_quant_triton", mutates_args=())
@@ -91,15 +81,10 @@ def fake_quant_triton(
     plan = TritonPlan(x, axis)
     y = plan.empty_output(x)
     mask = plan.empty_output(x, torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
-    xk = x.contiguous() if plan.contiguous else x
     if plan.grid[0]:
-        full, half = grid_consts(n_bits)
-        wrap_triton(_fake_quant_fwd_kernel)[plan.grid](
-            xk, y, mask if with_mask else y, delta, zero_float, signed,
-            plan.rows, plan.cols, plan.sx[0], plan.sx[1], plan.sy[0], plan.sy[1], full, half,
-            SYMMETRIC=bool(symmetric), PER_CHANNEL=plan.per_channel, HAS_MASK=bool(with_mask),
-            BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, num_warps=plan.num_warps, **_OPTS,
-        )
+        fake_quant_launcher(plan, n_bits, symmetric, with_mask, True).unbound(
+            x.contiguous() if plan.contiguous else x, y, mask if with_mask else y, delta, zero_float, signed,
+            wrap=wrap_triton)
     if plan.staged:
         return plan.unstage(y), (plan.unstage(mask) if with_mask else mask)
     return y, mask
@@ -117,30 +102,9 @@ def fake_quant_range_grads_triton(
     axis: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSQ gradients ``(grad_delta, grad_zero_float)`` (``_triton_fake_quant.fake_quant_range_grads_triton``)."""
-    per_channel = axis == 0
-    (gv, xv), _, rows, cols, ((sg_row, sg_col), (sx_row, sx_col)), _ = _as_2d([grad, x], per_channel)
-    block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
-        x, rows, cols, per_channel
-    )
-    part_s = torch.empty(n_channels * n_partials, dtype=torch.float32, device=x.device)
-    part_z = torch.empty_like(part_s)
-    grad_delta = torch.empty(delta.shape, dtype=torch.float32, device=x.device)
-    grad_zf = torch.empty(zero_float.shape, dtype=torch.float32, device=x.device)
-    full, half = grid_consts(n_bits)
-    if n_programs > 0:
-        wrap_triton(_range_grads_partials_kernel)[(n_programs,)](
-            gv, xv, delta, zero_float, signed, part_s, part_z,
-            rows, cols, sg_row, sg_col, sx_row, sx_col, n_split, full, half,
-            SYMMETRIC=bool(symmetric), PER_CHANNEL=per_channel, BLOCK_C=block_c, BLOCK_R=block_r,
-            num_warps=num_warps, **_OPTS,
-        )
-    if n_channels > 0:
-        fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
-        wrap_triton(_range_grads_finalize_kernel)[(triton.cdiv(n_channels, fin_c),)](
-            part_s, part_z, delta, zero_float, grad_delta, grad_zf, n_channels, n_partials, full,
-            SYMMETRIC=bool(symmetric), BLOCK_C=fin_c, BLOCK_P=fin_p, **_OPTS,
-        )
-    return grad_delta, grad_zf
+    desc = _as_2d([grad, x], axis == 0)
+    return RangeGradsPlan(desc, x, axis == 0, n_bits, symmetric).unbound(*desc[0], delta, zero_float, signed,
+                                                                         wrap=wrap_triton)
 
 
 def _setup_context(ctx, inputs, output):

@@ -31,7 +31,7 @@ from .fp8_reference import FP8_DTYPES, fp8_fake_quant_reference, fp8_max, fp8_qp
 from .range_update import _batch_minmax_op
 from .reference import EPS, param_view, update_range_reference
 
-__all__ = ["Fp8Call", "fp8_fake_quant", "fp8_fake_quant_forward", "fp8_fake_quant_range_grads",
+__all__ = ["Fp8Call", "fp8_call", "fp8_fake_quant", "fp8_fake_quant_forward", "fp8_fake_quant_range_grads",
            "fp8_finalize_range", "fp8_update_range", "fp8_update_range_op"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -158,23 +158,19 @@ def fp8_fake_quant(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int = -
     return y
 
 
-def _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first, state=None):
+def _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first):
     """The range update on ``x``'s lane. Triton: one launch of the integer quantizers' range kernel with the
     FP8 grid (``_triton_range``: ``full = max``, ``half = max + 1``, so the symmetric ``delta`` is
-    ``max(|x_min|, x_max) / max``), writing ``zero_float`` (0) and ``signed`` (unused) too: ``state`` gives
-    those and the quantizer's workspace ``(zero_float, signed, workspace, arrivals)``, else temporaries."""
+    ``max(|x_min|, x_max) / max``), writing a ``zero_float`` (0) and a ``signed`` (unused) of its own."""
     _check(x, delta, fmt, axis)
     if backend.resolve(x) == "triton":
         from ._triton_plan import plan_for
         from ._triton_range import launch_update_range, plan_workspace
 
         plan = plan_for(x, axis)
-        if state is None:
-            state = (torch.empty_like(delta), torch.empty((), dtype=torch.bool, device=x.device),
-                     *plan_workspace(plan))
-        zero_float, signed, *workspace = state
         top = fp8_max(fmt)
-        launch_update_range(plan, x.detach(), workspace, range_min, range_max, delta, zero_float, signed, 8, True,
+        launch_update_range(plan, x.detach(), plan_workspace(plan), range_min, range_max, delta,
+                            torch.empty_like(delta), torch.empty((), dtype=torch.bool, device=x.device), 8, True,
                             estimator, momentum, first, grid=(top, top + 1.0))
         return
     bmin, bmax = _batch_minmax_op(x.detach(), axis)
@@ -216,9 +212,11 @@ def fp8_update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.
                      state: tuple | None = None) -> None:
     """The op's work from eager or traced code. ``state``: the quantizer's ``(zero_float, signed, workspace,
     arrivals)``; with it, traced code on the Triton lane calls ``tquant::update_range_triton`` with the FP8 grid
-    (a ``triton_op``: inductor launches the kernel itself), else the registered op ``tquant::fp8_update_range``."""
+    (a ``triton_op``: inductor launches the kernel itself), else the registered op ``tquant::fp8_update_range``.
+    Eager code runs the implementation with temporaries for those (a quantizer's eager calls are planned:
+    ``fp8_call``)."""
     if not torch.compiler.is_compiling():
-        _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first, state)
+        _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first)
         return
     if state is not None and backend.resolve(x) == "triton":
         from . import _triton_ops
@@ -237,7 +235,8 @@ def _(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first):
 
 
 class Fp8Call:
-    """An FP8 quantizer's eager forward, planned once per input layout (as ``QuantizerCall``).
+    """An FP8 quantizer's eager forward on the torch and reference lanes, planned once per input layout (as
+    ``QuantizerCall``; :func:`fp8_call` makes it, or the Triton lane's ``Fp8TritonCall``).
 
     ``state``: the ``(dict, key)`` pairs of ``delta``, ``zero_float``, ``signed``, ``range_min``,
     ``range_max`` and the estimator's workspace (FP8 uses ``delta`` and the range only). ``train(x)``: the
@@ -252,16 +251,23 @@ class Fp8Call:
         self.estimator, self.momentum = estimator, float(momentum)
         self.state = state
 
-    def update(self, x: torch.Tensor) -> None:
-        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state[:5]
-        state = (z[kz], s[ks], *(b[k] for b, k in self.state[5:7])) if len(self.state) >= 7 else None
-        _fp8_update_range_impl(x.detach(), lo[klo], hi[khi], d[kd], self.fmt, self.axis, self.estimator,
-                               self.momentum, False, state)
-
     def train(self, x: torch.Tensor) -> torch.Tensor:
-        self.update(x)
+        (d, kd), (lo, klo), (hi, khi) = self.state[0], *self.state[3:5]
+        _fp8_update_range_impl(x.detach(), lo[klo], hi[khi], d[kd], self.fmt, self.axis, self.estimator,
+                               self.momentum, False)
         return self.fixed(x)
 
     def fixed(self, x: torch.Tensor) -> torch.Tensor:
         d, kd = self.state[0]
         return fp8_fake_quant(x, d[kd], self.fmt, self.axis)
+
+
+def fp8_call(x: torch.Tensor, fmt: str, axis: int, estimator: int | None, momentum: float, state):
+    """Plan an FP8 quantizer's eager call for inputs like ``x`` under the current backend: the Triton lane's
+    ``Fp8TritonCall`` (bound launches), else an :class:`Fp8Call`. Arguments as ``Fp8Call``'s; ``estimator``:
+    the ``ESTIMATOR_*`` code of a min/max estimator, or None (``train`` does not apply)."""
+    if backend.resolve(x) == "triton":
+        from ._triton_fp8 import Fp8TritonCall
+
+        return Fp8TritonCall(x, fmt, axis, estimator, momentum, state)
+    return Fp8Call(x, fmt, axis, estimator, momentum, state)

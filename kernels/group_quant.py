@@ -34,6 +34,7 @@ from .range_update import _finalize_torch
 
 __all__ = [
     "GroupCall",
+    "group_call",
     "group_fake_quant",
     "group_fake_quant_forward",
     "group_fake_quant_range_grads",
@@ -324,13 +325,13 @@ def _(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, gro
 
 
 class GroupCall:
-    """A group-wise quantizer's eager forward, planned once per input layout (as ``QuantizerCall``).
+    """A group-wise quantizer's eager forward on the torch and reference lanes, planned once per input layout (as
+    ``QuantizerCall``; :func:`group_call` makes it, or the Triton lane's ``GroupTritonCall``).
 
     ``state`` is the ``(dict, key)`` pairs of ``delta``, ``zero_float``, ``signed``, ``range_min``,
-    ``range_max`` and the estimator's workspace, int32 ``[2]`` (looked up at each call). ``train(x)``: the
-    min/max estimators' update, then the fake quantization (torch: a few vectorised passes; Triton: two
-    launches, ``group_train_triton``, saving the 1-byte mask); ``fixed(x)``: the fake quantization alone (one
-    launch; learned ranges get their gradients).
+    ``range_max`` and the estimator's workspace (looked up at each call). ``train(x)``: the min/max
+    estimators' update, then the fake quantization (a few vectorised passes); ``fixed(x)``: the fake
+    quantization alone (learned ranges get their gradients).
     """
 
     def __init__(self, x: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int | None,
@@ -346,15 +347,10 @@ class GroupCall:
         (d, kd), (z, kz), (s, ks) = self.state[:3]
         return d[kd], z[kz], s[ks]
 
-    def update(self, x: torch.Tensor) -> None:
+    def train(self, x: torch.Tensor) -> torch.Tensor:
         (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state[:5]
         _group_update_range_op(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], self.n_bits, self.symmetric,
                                self.group_len, self.estimator, self.momentum, False)
-
-    def train(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lane == "triton":  # two launches (range, then fake quant), gradient grad * mask
-            return _GroupTrainTriton.apply(x, self, torch.is_grad_enabled() and x.requires_grad)
-        self.update(x)
         return self.fixed(x)
 
     def fixed(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,23 +358,14 @@ class GroupCall:
         return group_fake_quant(x, delta, zero_float, signed, self.n_bits, self.symmetric, self.group_len)
 
 
-class _GroupTrainTriton(torch.autograd.Function):
-    """A training forward with range estimation on the Triton lane (``group_train_triton``); saves the mask.
-    (Ranges are never learned while they are estimated, so ``x`` is the only input with a gradient.)"""
+def group_call(x: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int | None,
+               momentum: float, state):
+    """Plan a group-wise quantizer's eager call for inputs like ``x`` under the current backend: the Triton
+    lane's ``GroupTritonCall`` (bound launches), else a :class:`GroupCall`. Arguments as ``GroupCall``'s;
+    ``estimator``: the ``ESTIMATOR_*`` code of a min/max estimator, or None (``train`` does not apply)."""
+    _check(x, group_len)
+    if backend.resolve(x) == "triton":
+        from ._triton_group import GroupTritonCall
 
-    @staticmethod
-    def forward(ctx, x, call, with_mask):
-        from ._triton_group import group_train_triton
-
-        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = call.state[:5]
-        work = call.state[5][0][call.state[5][1]] if len(call.state) > 5 else None
-        y, mask = group_train_triton(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], call.n_bits, call.symmetric,
-                                     call.group_len, call.estimator, call.momentum, with_mask, work)
-        ctx.save_for_backward(mask)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
-
+        return GroupTritonCall(x, n_bits, symmetric, group_len, estimator, momentum, state)
+    return GroupCall(x, n_bits, symmetric, group_len, estimator, momentum, state)

@@ -51,7 +51,7 @@ from .reference import (
     update_range_reference,
 )
 
-__all__ = ["QuantizerCall", "host_lane_status", "numba_lane_ready", "quantizer_call"]
+__all__ = ["QuantizerCall", "TritonLaneCall", "host_lane_status", "numba_lane_ready", "quantizer_call"]
 
 USE_NUMBA = os.environ.get("TQUANT_NUMBA", "1").strip() != "0"
 """Whether small fp32 CPU tensors take the ``numba`` lane when numba imports (``TQUANT_NUMBA=0``: no)."""
@@ -312,27 +312,38 @@ def host_lane_status() -> str:
     return "numpy (pip install 'tquant[cpu]' for numba: one compiled kernel per call)"
 
 
-class _TritonCall(QuantizerCall):
+class TritonLaneCall(QuantizerCall):
+    """Base of the Triton lanes' calls (integer here; group-wise and FP8 in ``_triton_group`` / ``_triton_fp8``):
+    the gradient of ``x`` always comes from the ``autograd.Function`` saving the 1-byte mask, whose backward
+    is one ``where`` (no launch of ours). A subclass plans its launches when made and implements ``train``,
+    ``forward`` and ``range_grads``."""
+
+    lane = "triton"
+
+    def masked(self, x, delta, zero_float, signed):
+        self.args = (delta, zero_float, signed)
+        return masked_fake_quant(x, self)
+
+
+class _TritonCall(TritonLaneCall):
     """The fused Triton kernels, launched through the plan's bound variants (``_triton_launch``): a call
     costs its launches and a few allocations, not ``JITFunction.run``'s binding. The state entries 6 and
     7 locate the quantizer's range-update workspace (``range_update.range_workspace``)."""
 
-    lane = "triton"
-
     def __init__(self, x: torch.Tensor, *args):
         super().__init__(*args)
         from ._triton_fake_quant import fake_quant_launcher, run_fake_quant
+        from ._triton_launch import by_alignment
         from ._triton_plan import TritonPlan
         from ._triton_range import range_rule, update_range_launcher
 
         self._run_fake_quant = run_fake_quant
         self.plan = plan = TritonPlan(x, self.axis)
         n_bits, sym = self.n_bits, self.symmetric
-        # (unaligned, aligned) variants, indexed by whether x's pointer is 16-byte aligned
-        self._fq = {m: tuple(fake_quant_launcher(plan, n_bits, sym, m, a) for a in (False, True)) for m in (0, 1)}
+        self._fq = {m: by_alignment(lambda a, m=m: fake_quant_launcher(plan, n_bits, sym, m, a)) for m in (0, 1)}
         if self.fused:
             rule = range_rule(self.estimator)
-            self._up = tuple(update_range_launcher(plan, n_bits, sym, rule, self.momentum, a) for a in (False, True))
+            self._up = by_alignment(lambda a: update_range_launcher(plan, n_bits, sym, rule, self.momentum, a))
         (self._dd, self._kd), (self._dz, self._kz), (self._ds, self._ks) = self.state[:3]
         (self._dlo, self._klo), (self._dhi, self._khi) = self.state[3:5]
         (self._dws, self._kws), (self._dcnt, self._kcnt) = self.state[5:7]
@@ -352,10 +363,6 @@ class _TritonCall(QuantizerCall):
 
     def forward(self, x, delta, zero_float, signed, with_mask):
         return self._run_fake_quant(self.plan, self._fq[with_mask], x, delta, zero_float, signed, with_mask)
-
-    def masked(self, x, delta, zero_float, signed):
-        self.args = (delta, zero_float, signed)
-        return masked_fake_quant(x, self)
 
     def range_grads(self, grad, x, delta, zero_float, signed):
         """The LSQ gradients through a plan per gradient layout (bound launchers, reused partials)."""

@@ -53,6 +53,9 @@ class _StubKernel:
     def run(self, *args):
         self._launches.count += 1
 
+    def launch_metadata(self, *args):
+        return None
+
 
 class _OfflineDriver:
     """Triton's active driver offline: a CUDA target of :data:`SM_COUNT` SMs that is not there (torch's
@@ -72,14 +75,16 @@ class _OfflineDriver:
 
 
 @contextlib.contextmanager
-def offline(record=None):
+def offline(record=None, jit_run: bool = False):
     """Run the Triton lanes on CPU tensors without launching anything (see the module docstring).
 
     Yields a :class:`Launches` counter. ``record(kernel, args, kwargs)``, when given, is called for every
     launch that goes through ``JITFunction.run`` (the first call of each bound launcher, and every
-    unbound ``kernel[grid](...)``) with the kernel's positional and keyword arguments. Quantizers and plans
-    made inside stay bound to the stubs: use them only inside (the functional ops' plan cache is emptied
-    on exit).
+    unbound ``kernel[grid](...)``) with the kernel's positional and keyword arguments. ``jit_run``: such
+    launches run Triton's own ``JITFunction.run`` (binding, specialisation, cache key and lookup, as on a
+    GPU) with the stub in place of the compiled kernel, so a host-cost measurement pays what an unbound
+    launch pays; otherwise they cost nothing. Quantizers and plans made inside stay bound to the stubs: use
+    them only inside (the functional ops' plan cache is emptied on exit).
     """
     if INTERPRET:
         raise RuntimeError("triton_offline needs compiled Triton: unset TRITON_INTERPRET before importing tquant")
@@ -88,16 +93,24 @@ def offline(record=None):
 
     launches = Launches()
     stub = _StubKernel(launches)
+    jit_run_fn, cached = JITFunction.run, []
 
     def run(self, *args, grid, warmup, **kwargs):
         if record is not None:
             record(self, args, kwargs)
+        if jit_run:
+            return jit_run_fn(self, *args, grid=grid, warmup=warmup, **kwargs)
         if not warmup:
             launches.count += 1
         return stub
 
-    saved = (JITFunction.run, backend.INTERPRET, _triton_plan.OFFLINE_SM_COUNT)
-    JITFunction.run = run
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        self.device_caches[device][0][key] = stub  # later launches find it, as a compiled kernel
+        cached.append((self, device, key))
+        return stub
+
+    saved = (JITFunction.run, JITFunction._do_compile, backend.INTERPRET, _triton_plan.OFFLINE_SM_COUNT)
+    JITFunction.run, JITFunction._do_compile = run, do_compile
     backend.INTERPRET = True  # lets TQUANT_BACKEND=triton take CPU tensors
     _triton_plan.OFFLINE_SM_COUNT = SM_COUNT
     _triton_plan._plans.clear()
@@ -106,7 +119,9 @@ def offline(record=None):
     try:
         yield launches
     finally:
-        JITFunction.run, backend.INTERPRET, _triton_plan.OFFLINE_SM_COUNT = saved
+        JITFunction.run, JITFunction._do_compile, backend.INTERPRET, _triton_plan.OFFLINE_SM_COUNT = saved
+        for kernel, device, key in cached:
+            kernel.device_caches[device][0].pop(key, None)
         _triton_plan._plans.clear()
         driver._active = previous_driver
 

@@ -9,8 +9,9 @@ Writes a JSON report of facts for the test to assert on:
   FP8 quantizers;
 - ``workspace``: the quantizers' range-update workspaces exist right after conversion and are the
   same tensors after training steps (nothing allocated per call, so nothing inside a capture);
-- ``binding``: how many launches went through ``JITFunction.run`` (one compile per variant) and how
-  many through the bound launchers over repeated calls;
+- ``binding``, ``binding_formats``: how many launches went through ``JITFunction.run`` (one compile per
+  variant) and how many through the bound launchers over repeated calls (integer, group-wise and FP8
+  quantizers);
 - ``alignment``: the variants an aligned and a misaligned input of the same layout were bound to.
 """
 
@@ -95,16 +96,29 @@ def check_workspace() -> dict:
     return {"before": before, "after": after, "channels": channels}
 
 
-def check_binding(record_calls: list, launches) -> dict:
+def check_binding(record_calls: list, launches, qm=None, x=None) -> dict:
     """Five training steps of one quantizer: compiles (calls of ``JITFunction.run``) and launches."""
     record_calls.clear()
     start = launches.count
-    qm = tquant.QuantizationManager(tquant.QMethods.asymmetric_uniform, tquant.RangeEstimators.running_minmax,
-                                    qparams={"n_bits": 8}).train()
-    x = torch.randn(6, 40, requires_grad=True)
+    if qm is None:
+        qm = tquant.QuantizationManager(tquant.QMethods.asymmetric_uniform, tquant.RangeEstimators.running_minmax,
+                                        qparams={"n_bits": 8}).train()
+        x = torch.randn(6, 40, requires_grad=True)
     for _ in range(5):
         qm(x).sum().backward()
     return {"through_run": len(record_calls), "launches": launches.count - start}
+
+
+def check_binding_formats(record_calls: list, launches) -> dict:
+    """:func:`check_binding` for a group-wise W4 g128 weight quantizer (symmetric, current min/max) and an FP8
+    per-tensor activation quantizer (running min/max)."""
+    group = tquant.QuantizationManager(tquant.QMethods.symmetric_uniform, tquant.RangeEstimators.current_minmax,
+                                       qparams={"n_bits": 4, "group_size": 128, "weight_shape": (16, 300)},
+                                       n_channels=16).train()
+    fp8 = tquant.QuantizationManager(tquant.QMethods.symmetric_uniform, tquant.RangeEstimators.running_minmax,
+                                     qparams={"n_bits": 8, "fmt": "fp8_e4m3"}).train()
+    return {"group": check_binding(record_calls, launches, group, torch.randn(16, 300, requires_grad=True)),
+            "fp8": check_binding(record_calls, launches, fp8, torch.randn(8, 50, requires_grad=True))}
 
 
 def check_alignment(record_calls: list) -> dict:
@@ -132,6 +146,7 @@ def main(path: str) -> None:
         report["workspace"] = check_workspace()
         report["alignment"] = check_alignment(calls)
         report["binding"] = check_binding(calls, launches)
+        report["binding_formats"] = check_binding_formats(calls, launches)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
 

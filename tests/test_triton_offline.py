@@ -9,7 +9,7 @@ which has no compiled kernels to bind or trace), inside ``tquant.kernels.triton_
 - the range-update workspace of every quantizer exists from conversion and is never re-allocated,
   so nothing is allocated inside a CUDA-graph capture;
 - each kernel variant goes through ``JITFunction.run`` once (its compile); later launches go to the
-  bound launcher;
+  bound launcher (integer, group-wise and FP8 quantizers);
 - an input whose data pointer is not 16-byte aligned gets its own variant, compiled without the
   alignment assumption.
 """
@@ -62,6 +62,11 @@ def test_workspace_exists_before_the_first_call_and_is_never_reallocated(report)
 
 def test_each_variant_compiles_once_then_launches_through_its_bound_launcher(report):
     assert report["binding"] == {"through_run": 2, "launches": 10}  # 5 steps x (range update + fake quant)
+
+
+def test_the_formats_quantizers_launch_through_bound_launchers_too(report):
+    for kind in ("group", "fp8"):  # 5 steps x (range update + fake quant); backward: no launch
+        assert report["binding_formats"][kind] == {"through_run": 2, "launches": 10}, kind
 
 
 def test_a_misaligned_input_gets_a_variant_without_the_alignment_assumption(report):

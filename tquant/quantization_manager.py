@@ -11,8 +11,8 @@ from . import kernels
 from .config import QMethods, RangeEstimators
 from .errors import QuantizerNotInitializedError
 from .kernels import backend as _backend
-from .kernels.fp8 import Fp8Call, fp8_finalize_range, fp8_update_range
-from .kernels.group_quant import GroupCall, group_update_range
+from .kernels.fp8 import fp8_call, fp8_finalize_range, fp8_update_range
+from .kernels.group_quant import group_call, group_update_range
 from .kernels.group_reference import group_shape
 from .kernels.quantizer_call import quantizer_call
 from .range_estimators import SEARCH_ESTIMATORS, _all_reduce_range
@@ -177,9 +177,9 @@ class QuantizationManager(nn.Module):
                  (est._buffers, "_workspace"), (est._buffers, "_arrivals"))
         try:
             if q.group_len is not None:
-                call = GroupCall(x, q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, state)
+                call = group_call(x, q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, state)
             elif q.fmt != "int":
-                call = Fp8Call(x, q.fmt, q.kernel_axis, est.fused_code, est.momentum, state)
+                call = fp8_call(x, q.fmt, q.kernel_axis, est.fused_code, est.momentum, state)
             else:
                 call = quantizer_call(x, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum, state)
         except (TypeError, ValueError, RuntimeError) as exc:
