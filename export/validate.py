@@ -4,8 +4,10 @@ The comparison speaks in codes and LSBs: an output produced by a ``DequantizeLin
 quantizer's grid, so two runs either agree exactly or differ by whole steps of its scale (the
 LSB). Different but legitimate summation orders (onnxruntime's Gemm, integer kernels after
 fusion) can move a pre-quantization value across a rounding boundary and flip one code; the
-report counts those. For an output that is not quantized, the LSB is unknown: the report gives
-its largest absolute and relative error instead.
+report counts those. A float output has no LSB of its own: the report gives its largest absolute and
+relative error, and when a quantized ``Gemm``/``MatMul`` writes it (a model's logits), judges it in
+LSBs of that layer's input (:mod:`~tquant.export.float_outputs`): the input codes of both runtimes
+are compared, and the output error must lie within what their differences move it.
 
 Float ops that sit between quantizers (a ``DequantizeLinear`` feeding float arithmetic that is
 re-quantized later, e.g. an ``nn.MultiheadAttention`` left float) round differently in each
@@ -641,13 +643,16 @@ def validate_onnx(
     Returns:
         a :class:`ValidationReport`: per level and output, the share of elements equal to float
         precision; for a quantized output the share of integer codes that agree and the max error
-        in LSBs of the output quantizer; for a float output the max absolute and relative error;
+        in LSBs of the output quantizer; for a float output the max absolute and relative error and,
+        when a quantized Gemm/MatMul writes it, that layer's input codes compared and the error in input
+        LSBs (:class:`OutputComparison`);
         node counts per level (the optimised graph is saved by onnxruntime and counted); the
         integer node types onnxruntime fused; the float ops between quantizers; each stored weight decoded
         and compared with the model's quantized weight (:func:`weight_comparisons`).
         ``report.ok()`` checks it against thresholds with documented defaults
-        (:meth:`ValidationReport.ok`): within 1 LSB, >= 50 % of the codes equal, float outputs
-        within 1 % of their range.
+        (:meth:`ValidationReport.ok`): within 1 LSB, >= 50 % of the codes equal; a float output
+        written by a quantized layer within what its flipped input codes explain, any other within
+        1 % of its range.
 
     Example:
         >>> report = validate_onnx(qmodel, x, "model.onnx")
