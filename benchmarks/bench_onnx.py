@@ -41,6 +41,10 @@ per-seed figures beside it. One test image is 0.22 % of the 450, so a single see
 two quantizers apart that differ by less than seed noise; the acceptance check compares the
 means. The timed and inspected files are seed 0's.
 
+``--update`` reruns only ``--subjects`` in a results folder: their rows replace those of the previous
+``onnx.json``/``onnx.md`` there, the other subjects' rows stay (each keeps its run id; the environment lists
+the kept runs and their load), the acceptance lines are recomputed; ``onnx.csv`` gets the new rows only.
+
 Run: ``python -m tquant.benchmarks.bench_onnx [--quick]`` or ``tquant bench onnx``.
 """
 
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -99,6 +104,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seeds", type=_positive_int, default=None,
                         help=f"digits: average the accuracy over seeds 0..N-1, each a whole run "
                              f"(default {DIGITS_SEEDS}; 1 with --quick)")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows of --subjects in the results folder's onnx.json/onnx.md and "
+                             "keep the other subjects' rows (from the runs that measured them)")
     return parser
 
 
@@ -435,6 +443,42 @@ def _seed_table(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def kept_results(out: Path, rerun: set[str]) -> tuple[list[dict], list[str], dict[str, dict]]:
+    """What ``--update`` keeps of the previous ``out/onnx.json``: the rows of the subjects not in ``rerun``,
+    their notes (not the acceptance lines: those are recomputed) and ``{run id: {subjects, load}}`` of the
+    runs those rows come from. Nothing when there is no previous file."""
+    path = out / "onnx.json"
+    if not path.exists():
+        return [], [], {}
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    env, rows = previous.get("environment", {}), previous.get("rows", [])
+    kept = [r for r in rows if r.get("subject") not in rerun]
+    acceptance = set(checks(rows))
+    notes = [n for n in previous.get("notes", []) if n not in acceptance and n.split(" ", 1)[0] not in rerun]
+    load_keys = ("loadavg_1m", "loadavg_1m_end", "busy")
+    runs: dict[str, dict] = {}
+    for r in kept:
+        run_id = str(r.get("run_id"))
+        earlier = env.get("kept_runs", {}).get(run_id) or {k: env.get(k) for k in load_keys}
+        entry = runs.setdefault(run_id, {**{k: earlier.get(k) for k in load_keys}, "subjects": []})
+        if r["subject"] not in entry["subjects"]:
+            entry["subjects"].append(r["subject"])
+    return kept, notes, runs
+
+
+def _subject_order(row: dict) -> int:
+    return SUBJECTS.index(row["subject"]) if row.get("subject") in SUBJECTS else len(SUBJECTS)
+
+
+def _kept_runs_markdown(env: dict) -> list[str]:
+    lines = []
+    for run_id, run in env.get("kept_runs", {}).items():
+        busy = ", busy" if run.get("busy") else ""
+        lines.append(f"- kept with --update: {', '.join(run['subjects'])} from run {run_id} (load "
+                     f"{run.get('loadavg_1m')} at the start, {run.get('loadavg_1m_end')} at the end{busy})")
+    return lines
+
+
 def write_markdown(path: Path, env: dict, rows: list[dict], notes: list[str] = ()) -> None:
     text = [
         "# ONNX latency: tquant int8 vs float vs onnxruntime.quantization.quantize_static",
@@ -443,6 +487,7 @@ def write_markdown(path: Path, env: dict, rows: list[dict], notes: list[str] = (
         "interleaved medians in one process (see benchmarks/bench_onnx.py).",
         "",
         common.environment_markdown(env),
+        *_kept_runs_markdown(env),
         "",
         common.markdown_table(rows, COLUMNS),
         "",
@@ -467,12 +512,17 @@ def main(args: argparse.Namespace) -> int:
     env = common.environment(device)
     env["onnxruntime"] = onnxruntime.__version__
     print(f"bench_onnx on {env['device']} (load {env['loadavg_1m']}), onnxruntime {env['onnxruntime']}, 1 thread")
+    kept, kept_notes, kept_runs = kept_results(out, set(args.subjects)) if args.update else ([], [], {})
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="tquant-bench-onnx-") as tmp:
         for subject in args.subjects:
             rows += run_subject(subject, Path(tmp), args)
     notes = getattr(args, "notes", [])
     common.record_run(out, "onnx", env, rows, CSV_FIELDS, notes=checks(rows) + notes, tags=("onnxruntime",))
+    if kept:
+        env["kept_runs"] = kept_runs
+        rows, notes = sorted(kept + rows, key=_subject_order), notes + kept_notes
+        common.write_json(out / "onnx.json", env, rows, checks(rows) + notes)
     write_markdown(out / "onnx.md", env, rows, notes)
     print(common.markdown_table(rows, COLUMNS))
     for line in checks(rows) + notes:

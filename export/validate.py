@@ -4,8 +4,10 @@ The comparison speaks in codes and LSBs: an output produced by a ``DequantizeLin
 quantizer's grid, so two runs either agree exactly or differ by whole steps of its scale (the
 LSB). Different but legitimate summation orders (onnxruntime's Gemm, integer kernels after
 fusion) can move a pre-quantization value across a rounding boundary and flip one code; the
-report counts those. For an output that is not quantized, the LSB is unknown: the report gives
-its largest absolute and relative error instead.
+report counts those. A float output has no LSB of its own: the report gives its largest absolute and
+relative error, and when a quantized ``Gemm``/``MatMul`` writes it (a model's logits), judges it in
+LSBs of that layer's input (:mod:`~tquant.export.float_outputs`): the input codes of both runtimes
+are compared, and the output error must lie within what their differences move it.
 
 Float ops that sit between quantizers (a ``DequantizeLinear`` feeding float arithmetic that is
 re-quantized later, e.g. an ``nn.MultiheadAttention`` left float) round differently in each
@@ -28,6 +30,15 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from .float_outputs import (
+    FloatProducer,
+    InputExplanation,
+    capture_layer_inputs,
+    explain,
+    float_output_producers,
+    with_exposed_codes,
+)
+from .onnx_values import attr, constants, dequantize
 from .prepare import check_eval, flatten_outputs, warn_estimating
 
 __all__ = [
@@ -113,10 +124,7 @@ def output_lsb(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int] | Non
     ``DequantizeLinear`` gives None (its values are not a grid of one step).
     """
     producers = {out: node for node in model.graph.node for out in node.output}
-    consts = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = node.attribute[0].t
+    consts = constants(model)
     result: dict[str, tuple[np.ndarray, int] | None] = {}
     for out in model.graph.output:
         name, found, reshaped = out.name, None, False
@@ -142,14 +150,6 @@ def output_lsb(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int] | Non
     return result
 
 
-def _consts(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    consts = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = node.attribute[0].t
-    return consts
-
-
 def float_ops_between_quantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The nodes that compute in float between a ``DequantizeLinear`` and a later ``QuantizeLinear``.
 
@@ -164,7 +164,7 @@ def float_ops_between_quantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]
     layer whose input is not quantized, is listed, in graph order.
     """
     graph = model.graph
-    consts = _consts(model)
+    consts = constants(model)
     producers = {out: node for node in graph.node for out in node.output}
 
     from_dq: set[str] = set()
@@ -243,6 +243,14 @@ class OutputComparison:
     largest absolute error over the largest magnitude of PyTorch's output (the relative error of
     a float output); ``float_ops``: op type -> count of the float ops between quantizers this output
     depends on (:func:`float_ops_between_quantizers`).
+
+    A float output written by a quantized ``Gemm``/``MatMul`` (:mod:`~tquant.export.float_outputs`) also
+    gets ``producer`` (that layer) and, when its input codes could be read from both runtimes, the
+    input's ``input_code_share`` and ``input_max_lsb`` (as ``code_share``/``max_lsb`` for the layer's
+    input), ``error_input_lsb``: the largest error in *input LSBs* (what one flipped input code moves
+    that output at most, ``s * max_k |W[k, n]|``) and ``unexplained_input_lsb``: the largest error
+    beyond what the flipped input codes of its row explain, same unit (0: all explained); otherwise
+    ``producer_note`` says why not.
     """
 
     level: str
@@ -255,11 +263,22 @@ class OutputComparison:
     lsb: float | None
     max_rel: float = 0.0
     float_ops: dict[str, int] = field(default_factory=dict)
+    producer: str | None = None
+    input_code_share: float | None = None
+    input_max_lsb: float | None = None
+    error_input_lsb: float | None = None
+    unexplained_input_lsb: float | None = None
+    producer_note: str | None = None
 
     @property
     def quantized(self) -> bool:
         """True when a ``DequantizeLinear`` produces this output (it is compared in codes and LSBs)."""
         return self.lsb is not None
+
+    @property
+    def judged_by_inputs(self) -> bool:
+        """True for a float output whose error was explained (or not) by its layer's flipped input codes."""
+        return not self.quantized and self.unexplained_input_lsb is not None
 
 
 DEFAULT_MAX_LSB = 1.0
@@ -273,9 +292,10 @@ differences move a minority of codes (seen: 1-11 % with onnxruntime's full optim
 systematic error (a zero point or rounding mode off by one) moves most of them by one LSB, which
 ``max_lsb`` alone would accept."""
 DEFAULT_MAX_REL_ERROR = 1e-2
-"""``ok()``: for a float output, the largest ``|onnxruntime - PyTorch|`` over the largest
-``|PyTorch|``. A float-only graph agrees to ~1e-6; a float output computed from quantized values
-moves by a few LSBs of the quantizers before it when one of their codes flips."""
+"""``ok()``: for a float output that no quantized layer writes (or whose layer's input codes could not be
+read), the largest ``|onnxruntime - PyTorch|`` over the largest ``|PyTorch|``. A float-only graph agrees
+to ~1e-6; a float output computed from quantized values moves by a few LSBs of the quantizers before it
+when one of their codes flips."""
 
 
 @dataclass
@@ -336,20 +356,25 @@ class ValidationReport:
         max_rel_error: float = DEFAULT_MAX_REL_ERROR,
         level: str | None = None,
         min_match: float | None = None,
+        by_inputs: bool = True,
     ) -> list[str]:
         """One line per (level, output) that misses a threshold of :meth:`ok`; empty when it passes."""
         problems = []
         for c in self.comparisons if level is None else self.level(level):
             missed = []
             if c.quantized:
-                if c.max_lsb > max_lsb + 1e-3:
-                    missed.append(f"a code is {c.max_lsb:.2f} LSB from PyTorch's (max_lsb={max_lsb})")
-                if c.code_share < min_code_agreement:
+                missed += _code_misses(c.max_lsb, c.code_share, max_lsb, min_code_agreement)
+            elif by_inputs and c.judged_by_inputs:
+                of = f" of the input of its {c.producer}"
+                missed += _code_misses(c.input_max_lsb, c.input_code_share, max_lsb, min_code_agreement, of)
+                if c.unexplained_input_lsb > 0:
                     missed.append(
-                        f"{100 * c.code_share:.1f}% of the codes agree (min_code_agreement={min_code_agreement})"
+                        f"error {c.error_input_lsb:.3g} input LSBs of its {c.producer}, {c.unexplained_input_lsb:.3g} "
+                        f"more than its flipped input codes explain (relative error {c.max_rel:.3g})"
                     )
             elif c.max_rel > max_rel_error:
-                missed.append(f"relative error {c.max_rel:.3g} (max_rel_error={max_rel_error})")
+                why = f"; not judged by its {c.producer}'s input codes: {c.producer_note}" if c.producer_note else ""
+                missed.append(f"relative error {c.max_rel:.3g} (max_rel_error={max_rel_error}){why}")
             if min_match is not None and c.match_share < min_match:
                 missed.append(f"{100 * c.match_share:.2f}% equal to float precision (min_match={min_match})")
             if missed and c.float_ops:
@@ -371,6 +396,7 @@ class ValidationReport:
         max_rel_error: float = DEFAULT_MAX_REL_ERROR,
         level: str | None = None,
         min_match: float | None = None,
+        by_inputs: bool = True,
     ) -> bool:
         """True when onnxruntime agrees with PyTorch up to its documented rounding differences.
 
@@ -380,8 +406,16 @@ class ValidationReport:
         - a quantized output: no code more than ``max_lsb`` LSBs away (default
           :data:`DEFAULT_MAX_LSB` = 1) and at least ``min_code_agreement`` of the codes equal
           (default :data:`DEFAULT_MIN_CODE_AGREEMENT` = 0.5);
-        - a float output: ``max |ort - torch| / max |torch| <= max_rel_error`` (default
-          :data:`DEFAULT_MAX_REL_ERROR` = 1e-2);
+        - a float output written by a quantized ``Gemm``/``MatMul`` (a Linear that writes the model's
+          output in float) whose input codes were read from both runtimes
+          (:attr:`OutputComparison.judged_by_inputs`), judged in LSBs of that layer's *input*: the input
+          codes pass the two thresholds above, and every output element is within what the flipped input
+          codes of its row move it, ``s * sum_k |flip_k| * |W[k, n]|``, plus float rounding
+          (:data:`~tquant.export.float_outputs.SUM_RTOL` of the sum of the products' magnitudes). A
+          LayerNorm or requantization that rounds differently flips input codes and passes, however small
+          the outputs; a wrong scale, weight, bias or zero point is far beyond its flipped codes and fails;
+        - any other float output (or every float output with ``by_inputs=False``):
+          ``max |ort - torch| / max |torch| <= max_rel_error`` (default :data:`DEFAULT_MAX_REL_ERROR` = 1e-2);
         - with ``min_match``: at least that share of the elements equal to float precision.
 
         :meth:`failures` says which output missed which threshold.
@@ -390,7 +424,7 @@ class ValidationReport:
             >>> report = validate_onnx(qmodel, x, "qmodel.onnx")
             >>> assert report.ok(), report.failures()
         """
-        return not self.failures(max_lsb, min_code_agreement, max_rel_error, level, min_match)
+        return not self.failures(max_lsb, min_code_agreement, max_rel_error, level, min_match, by_inputs)
 
     def __str__(self) -> str:
         head = ("level", "output", "elements", "match", "codes agree", "max LSB", "max |err|", "max rel", "LSB")
@@ -415,6 +449,7 @@ class ValidationReport:
             lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        lines += [_producer_line(c) for c in self.comparisons if c.producer is not None]
         for level, counts in self.node_counts.items():
             nodes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
             lines.append(f"nodes ({level}): {nodes}")
@@ -438,6 +473,28 @@ class ValidationReport:
         else:
             lines.append("float ops between quantizers: none")
         return "\n".join(lines)
+
+
+def _producer_line(c: OutputComparison) -> str:
+    head = f"float output {c.output!r} ({c.level}) from {c.producer}: "
+    if not c.judged_by_inputs:
+        return head + f"judged by its relative error ({c.producer_note})"
+    verdict = ("all within what its flipped input codes explain" if c.unexplained_input_lsb == 0
+               else f"{c.unexplained_input_lsb:.3g} more than its flipped input codes explain")
+    return head + (
+        f"input codes agree {100 * c.input_code_share:.3f}%, max {c.input_max_lsb:.2f} LSB; error up to "
+        f"{c.error_input_lsb:.3g} input LSBs (s * max|W| of its column), {verdict}"
+    )
+
+
+def _code_misses(got_lsb: float, share: float, max_lsb: float, min_code_agreement: float, of: str = "") -> list[str]:
+    """The code thresholds of :meth:`ValidationReport.ok` that ``got_lsb``/``share`` miss; ``of``: whose codes."""
+    missed = []
+    if got_lsb > max_lsb + 1e-3:
+        missed.append(f"a code{of} is {got_lsb:.2f} LSB from PyTorch's (max_lsb={max_lsb})")
+    if share < min_code_agreement:
+        missed.append(f"{100 * share:.1f}% of the codes{of} agree (min_code_agreement={min_code_agreement})")
+    return missed
 
 
 def _op_counts(counts: dict[str, int]) -> str:
@@ -515,29 +572,6 @@ def _compare(
     )
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _dequantize(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> np.ndarray:
-    """ONNX ``DequantizeLinear`` of constant inputs in numpy (per tensor, per axis or blocked), fp32."""
-    codes = numpy_helper.to_array(consts[node.input[0]]).astype(np.float32)
-    scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
-    has_zp = len(node.input) > 2 and node.input[2]
-    zp = numpy_helper.to_array(consts[node.input[2]]).astype(np.float32) if has_zp else np.zeros_like(scale)
-    axis, block = _attr(node, "axis", 1), _attr(node, "block_size", 0)
-    axis = axis + codes.ndim if axis < 0 else axis
-    if block:
-        n = codes.shape[axis]
-        scale = np.repeat(scale, block, axis=axis).take(range(n), axis=axis)
-        zp = np.repeat(zp, block, axis=axis).take(range(n), axis=axis)
-    elif scale.ndim == 1 and codes.ndim > 1:
-        shape = [1] * codes.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return ((codes - zp) * scale).astype(np.float32)
-
-
 def weight_comparisons(model: nn.Module, onnx_model: onnx.ModelProto) -> list[WeightComparison]:
     """Each weight stored in the file (a constant integer or float8 tensor → ``DequantizeLinear`` whose scale is
     ``<weight quantizer>.scale``, as :func:`~tquant.export.export_onnx` names it) decoded in numpy and
@@ -546,7 +580,7 @@ def weight_comparisons(model: nn.Module, onnx_model: onnx.ModelProto) -> list[We
     group-wise Linear's ``MatMul`` input) its transpose."""
     import tquant
 
-    consts = _consts(onnx_model)
+    consts = constants(onnx_model)
     modules = dict(model.named_modules())
     found = []
     for node in onnx_model.graph.node:
@@ -563,8 +597,8 @@ def weight_comparisons(model: nn.Module, onnx_model: onnx.ModelProto) -> list[We
             continue
         with torch.no_grad():
             expected = manager(weight.detach())
-        got = torch.from_numpy(_dequantize(node, consts))
-        if _attr(node, "block_size", 0) and _attr(node, "axis", 1) == 0:  # a group-wise Linear's [K, N] codes
+        got = torch.from_numpy(dequantize(node, consts))
+        if attr(node, "block_size", 0) and attr(node, "axis", 1) == 0:  # a group-wise Linear's [K, N] codes
             got = got.t()
         if got.numel() != expected.numel():
             continue
@@ -609,13 +643,16 @@ def validate_onnx(
     Returns:
         a :class:`ValidationReport`: per level and output, the share of elements equal to float
         precision; for a quantized output the share of integer codes that agree and the max error
-        in LSBs of the output quantizer; for a float output the max absolute and relative error;
+        in LSBs of the output quantizer; for a float output the max absolute and relative error and,
+        when a quantized Gemm/MatMul writes it, that layer's input codes compared and the error in input
+        LSBs (:class:`OutputComparison`);
         node counts per level (the optimised graph is saved by onnxruntime and counted); the
         integer node types onnxruntime fused; the float ops between quantizers; each stored weight decoded
         and compared with the model's quantized weight (:func:`weight_comparisons`).
         ``report.ok()`` checks it against thresholds with documented defaults
-        (:meth:`ValidationReport.ok`): within 1 LSB, >= 50 % of the codes equal, float outputs
-        within 1 % of their range.
+        (:meth:`ValidationReport.ok`): within 1 LSB, >= 50 % of the codes equal; a float output
+        written by a quantized layer within what its flipped input codes explain, any other within
+        1 % of its range.
 
     Example:
         >>> report = validate_onnx(qmodel, x, "model.onnx")
@@ -637,12 +674,14 @@ def validate_onnx(
         batch = (first.shape[0] + 1) if first is not None else 1
         batches += [tuple(_random_like(x, batch, g) for x in example) for _ in range(n_random)]
 
+    onnx_model = onnx.load(path)
+    producers = float_output_producers(onnx_model)
     refs = []
-    with torch.no_grad():
+    with torch.no_grad(), capture_layer_inputs(model, producers) as captured:
         for b in batches:
             refs.append([t.detach().float().cpu().numpy() for t in flatten_outputs(model(*b))])
+    layer_inputs, producer_notes = _layer_inputs(producers, captured, len(batches))
 
-    onnx_model = onnx.load(path)
     lsbs = output_lsb(onnx_model)
     out_names = [o.name for o in onnx_model.graph.output]
     float_nodes = float_ops_between_quantizers(onnx_model)
@@ -659,23 +698,73 @@ def validate_onnx(
         upstream = _upstream(onnx_model, name)
         upstream_ops[name] = dict(Counter(n.op_type for n in float_nodes if id(n) in upstream))
     with tempfile.TemporaryDirectory() as tmp:
+        exposed_path = os.path.join(tmp, "exposed.onnx")
+        if layer_inputs:
+            exposed = with_exposed_codes(onnx_model, {k: producers[k] for k in layer_inputs})
+            onnx.save(exposed, exposed_path, save_as_external_data=True, location="exposed.onnx.data")
         for level in levels:
             optimized = os.path.join(tmp, f"{level}.onnx") if level != "disabled" else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 session = _session(path, level, optimized, session_config)
-            feeds_names = [i.name for i in session.get_inputs()]
-            results = []
-            for b in batches:
-                tensors = [x for x in b if isinstance(x, torch.Tensor)]
-                feed = {n: t.detach().cpu().numpy() for n, t in zip(feeds_names, tensors)}
-                results.append(session.run(None, feed))
+                exposed_session = _session(exposed_path, level, None, session_config) if layer_inputs else None
+            results = _run(session, batches)
+            with_codes = _run(exposed_session, batches) if exposed_session is not None else []
             for k, name in enumerate(out_names):
                 comparison = _compare(level, name, [r[k] for r in results], [r[k] for r in refs], lsbs.get(name))
                 comparison.float_ops = upstream_ops[name]
+                if name in producers:
+                    comparison.producer = str(producers[name])
+                    verdict = producer_notes.get(name) or _explain_outputs(
+                        producers[name], k, results, refs, exposed_session, with_codes, layer_inputs[name]
+                    )
+                    if isinstance(verdict, str):
+                        comparison.producer_note = verdict
+                    else:
+                        comparison.input_code_share, comparison.input_max_lsb = verdict.code_share, verdict.max_lsb
+                        comparison.error_input_lsb = verdict.error_lsb
+                        comparison.unexplained_input_lsb = verdict.unexplained_lsb
                 report.comparisons.append(comparison)
             graph = onnx_model if optimized is None else onnx.load(optimized)
             report.node_counts[level] = dict(Counter(n.op_type for n in graph.graph.node))
         top = report.node_counts[levels[-1]]
         report.fused = {k: v for k, v in top.items() if k in FUSED_OP_TYPES}
     return report
+
+
+def _run(session, batches: list[tuple]) -> list[list[np.ndarray]]:
+    """``session``'s outputs for each batch (the tensors of a batch feed the inputs in order)."""
+    names = [i.name for i in session.get_inputs()]
+    results = []
+    for b in batches:
+        tensors = [x for x in b if isinstance(x, torch.Tensor)]
+        results.append(session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}))
+    return results
+
+
+def _layer_inputs(
+    producers: dict[str, FloatProducer], captured: dict[str, list], n_batches: int
+) -> tuple[dict[str, list], dict[str, str]]:
+    """PyTorch's input to each float output's layer, one array per batch; for the others, why not."""
+    inputs, notes = {}, {}
+    for out, p in producers.items():
+        calls = captured.get(out)
+        if p.layer is None:
+            notes[out] = "its weight is not a tquant quantized weight"
+        elif calls is None:
+            notes[out] = f"the PyTorch model has no module '{p.layer}'"
+        elif len(calls) != n_batches:
+            notes[out] = f"module '{p.layer}' ran {len(calls)} times in {n_batches} forward passes"
+        else:
+            inputs[out] = calls
+    return inputs, notes
+
+
+def _explain_outputs(producer, k, results, refs, exposed_session, with_codes, torch_inputs) -> InputExplanation | str:
+    """:func:`~tquant.export.float_outputs.explain` for output ``k``, from a run that also returned the codes."""
+    n_out = len(results[0]) if results else 0
+    for plain, exposed in zip(results, with_codes):
+        if not all(np.array_equal(a, b) for a, b in zip(plain, exposed[:n_out])):
+            return "reading its input codes changed onnxruntime's outputs at this level"
+    j = [o.name for o in exposed_session.get_outputs()].index(producer.codes)
+    return explain(producer, [r[k] for r in results], [r[k] for r in refs], [e[j] for e in with_codes], torch_inputs)

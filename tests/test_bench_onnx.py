@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -78,13 +79,35 @@ def test_seeds_must_be_positive(capsys):
     assert "--seeds" in capsys.readouterr().err
 
 
+def _family_row(subject: str, variant: str, **fields) -> dict:
+    return {"run_id": "2026-01-01T00:00:00Z", "subject": subject, "variant": variant, "vs_float": 0.7,
+            "vs_quantize_static": 0.99, "agreement": 100.0, "validates": True, "float_nodes": "-", **fields}
+
+
 def test_bench_onnx_quick_family(tmp_path):
-    assert cli.main(["bench", "onnx", "--quick", "--subjects", "mlp", "--out", str(tmp_path)]) == 0
+    """One family rerun with ``--update`` into a folder holding an earlier run of two families: its rows and
+    notes replace the earlier ones, the other family's stay."""
+    earlier_rows = [_family_row("resnet", "tquant W8A8"), _family_row("mlp", "tquant W8A8", validates=False)]
+    earlier_notes = ["resnet brevitas: kept note", "mlp tquant validate_onnx: replaced note"]
+    earlier_env = {"date": "2026-01-01T00:00:00Z", "loadavg_1m": 0.5, "loadavg_1m_end": 0.6, "busy": False}
+    (tmp_path / "onnx.json").write_text(json.dumps(
+        {"environment": earlier_env, "notes": bench_onnx.checks(earlier_rows) + earlier_notes, "rows": earlier_rows}))
+    assert cli.main(["bench", "onnx", "--quick", "--subjects", "mlp", "--update", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "onnx.csv", newline="") as f:
-        rows = {r["variant"]: r for r in csv.DictReader(f)}
+        rows = {r["variant"]: r for r in csv.DictReader(f) if r["subject"] == "mlp"}
     assert {"float", "quantize_static", "tquant W8A8"} <= set(rows)
     mine = rows["tquant W8A8"]
     assert mine["validates"] == "True" and float(mine["agreement"]) >= 95.0
     assert mine["integer_nodes"] == "QGemm:3" and mine["float_nodes"] == "-"
     assert float(mine["median_ms_b1"]) > 0 and float(mine["vs_float_b1"]) > 0
-    assert "mlp tquant W8A8 (batch 32):" in (tmp_path / "onnx.md").read_text()
+    markdown = (tmp_path / "onnx.md").read_text()
+    assert "mlp tquant W8A8 (batch 32):" in markdown and "resnet tquant W8A8 (batch 32):" in markdown
+    assert "- kept with --update: resnet from run 2026-01-01T00:00:00Z (load 0.5 at the start, 0.6 at the end)" \
+        in markdown
+    result = json.loads((tmp_path / "onnx.json").read_text())
+    assert [(r["subject"], r["run_id"] == earlier_env["date"]) for r in result["rows"]] == [
+        ("resnet", True), *[("mlp", False)] * len(rows)]
+    assert "resnet brevitas: kept note" in result["notes"] and "mlp tquant validate_onnx: replaced note" not in result[
+        "notes"]
+    assert result["environment"]["kept_runs"] == {
+        earlier_env["date"]: {"loadavg_1m": 0.5, "loadavg_1m_end": 0.6, "busy": False, "subjects": ["resnet"]}}
