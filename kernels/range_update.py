@@ -11,8 +11,9 @@ One call does what aihwkit spreads over a range estimator and ``set_quant_range`
 No host synchronisation on the Triton path and on CUDA. A NaN in the running range means "no
 range yet" (that channel takes the batch range), so callers need not know whether a batch is the
 first; ``first=True`` forces it (every channel takes the batch range). Non-finite values never
-reach the scale: they are left out of the batch range, and a batch without a finite value leaves
-the running range as it was (or gives the safe range ``[0, EPS]`` on a first batch).
+reach the scale: they are left out of the batch range, and a batch without a finite value (empty,
+all NaN/inf) leaves the running range as it was — NaN ("no range yet") when there was none, so a
+quantizer that never saw a finite value stays uninitialised.
 
 ``batch_minmax`` and ``finalize_range`` are the two halves, for callers that must combine
 the batch range across processes (``tquant.convert_sync_ranges``) before the update.

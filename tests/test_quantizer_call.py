@@ -258,3 +258,36 @@ def test_scalar_host_math_is_the_reference(lo, hi, old_lo, old_hi, estimator, mo
     for name, a, b in (("min", f_lo, new_min), ("max", f_hi, new_max), ("delta", fd, d), ("zero_float", fz, z)):
         assert_bits_equal(torch.tensor(np.float32(a)), b, name)
     assert fs == bool(s)
+
+
+@pytest.mark.parametrize("lane, per_channel", LANE_CASES)
+def test_no_finite_value_seen_leaves_every_lane_uninitialised(lane, per_channel, lane_switch):
+    """Empty and all-NaN/inf training batches set no range on any lane (the reference's NaN state, bit
+    for bit): eval and ``fix_ranges`` then raise naming the layer, as for a quantizer that saw nothing;
+    the first batch with a finite value initialises it."""
+    lane_switch(lane)
+    est = tquant.RangeEstimators.running_minmax
+    qm, ref = manager(False, est, per_channel), manager(False, est, per_channel)
+    qm.layer_name = "fc1.activation_quantizer"
+    good = batches(lane, per_channel)[0]
+    inf = good.clone().fill_(math.inf)
+    inf[..., ::3] = -math.inf
+    empty = good[:, :0] if per_channel else good[:0]
+    for x in (empty, torch.full_like(good, math.nan), inf, good):
+        with K.use_backend("triton" if lane == "triton" else "torch"):
+            y = qm(x)
+        with K.use_backend("reference"):
+            y_ref = ref(x.cpu())
+        assert_bits_equal(y, y_ref, "y")
+        for name, a, b in zip(STATE_NAMES, state(qm), state(ref)):
+            assert_bits_equal(a.detach(), b.detach(), name)
+        if x is good:
+            break
+        assert not qm.is_initialized and torch.isnan(qm.quantizer._delta).all()
+        with pytest.raises(tquant.QuantizerNotInitializedError, match=r"fc1\.activation_quantizer"):
+            qm.eval()(good)
+        with pytest.raises(tquant.QuantizerNotInitializedError, match=r"fc1\.activation_quantizer"):
+            qm.fix_ranges()
+        qm.train()
+    assert qm.is_initialized and torch.isfinite(qm.quantizer._delta).all()
+    qm.eval()(good)

@@ -115,9 +115,23 @@ class QuantizationManager(nn.Module):
     def learn_ranges(self) -> None:
         self.quantizer.make_range_trainable()
         self.state = Qstates.learn_ranges
+        self._settle_initialized()
 
     def estimate_ranges_train(self) -> None:
         self.state = Qstates.estimate_ranges_train
+        self._settle_initialized()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            self._settle_initialized()
+        return self
+
+    def _settle_initialized(self) -> None:
+        """At a change to a state that quantizes with the range as it is (eval, learned ranges), read
+        once whether training forwards set one: they never read the device, and traced code
+        (``torch.compile``) can only check the host's answer."""
+        self.quantizer.is_initialized  # noqa: B018 - reads the state and caches a True
 
     def is_learning(self) -> bool:
         return self.state == Qstates.learn_ranges
@@ -177,14 +191,15 @@ class QuantizationManager(nn.Module):
         state = self.state
         if state is Qstates.estimate_ranges or (state is Qstates.estimate_ranges_train and self.training):
             if call.fused and not self.sync_ranges:
-                y = call.train(x)
-                q = self._modules["quantizer"]
-                if not q._initialized:  # nn.Module.__setattr__ costs microseconds: set once
-                    q._initialized = True
-                return y
-            self._estimate(x)
-        elif not self._modules["quantizer"]._initialized:
-            raise QuantizerNotInitializedError(self.layer_name)
+                # A zero-size batch (a shape fact) updates nothing; no value is read here either: a
+                # quantizer that saw no finite value keeps its NaN range, i.e. stays uninitialised.
+                return call.train(x) if x.numel() else call.fixed(x)
+            if x.numel():
+                self._estimate(x)
+        else:
+            q = self._modules["quantizer"]
+            if not q._initialized and not q.is_initialized:
+                raise QuantizerNotInitializedError(self.layer_name)
         return call.fixed(x)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +214,7 @@ class QuantizationManager(nn.Module):
                 kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                      q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,
                                      False)
-                q._initialized = True
-        elif not q._initialized:
+        elif not q._initialized:  # the host's answer, settled at the change to eval / fixed / learned ranges
             raise QuantizerNotInitializedError(self.layer_name)
         return kernels.fake_quant(x, q._delta, q._zero_float, q._signed, q.n_bits, q.symmetric, q.kernel_axis)
 
@@ -213,7 +227,6 @@ class QuantizationManager(nn.Module):
             with torch.no_grad():
                 kernels.finalize_range(bmin, bmax, est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                        q._signed, q.n_bits, q.symmetric, est.fused_code, est.momentum, False)
-            q.mark_initialized()
             return
         x_min, x_max = est(x)
         if self.sync_ranges:
