@@ -28,7 +28,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from .prepare import check_eval, flatten_outputs, warn_estimating
+from .prepare import check_eval, example_args, flatten_outputs, warn_estimating
 
 __all__ = [
     "FUSED_OP_TYPES",
@@ -513,8 +513,8 @@ def validate_onnx(
             raise ValueError(f"validate_onnx: unknown level {level!r}; expected one of {LEVELS}")
     check_eval(model)
     warn_estimating(model, "validate_onnx")
-    example = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batches = [tuple(example)]
+    example = example_args(example_inputs, "validate_onnx")
+    batches = [example]
     if inputs is not None:
         batches += [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in inputs]
     else:
