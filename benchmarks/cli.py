@@ -13,6 +13,7 @@ BENCHES = {
     "qat": ("tquant.benchmarks.bench_qat", "QAT training step overhead over float: tquant vs torch.ao"),
     "onnx": ("tquant.benchmarks.bench_onnx", "onnxruntime latency: tquant int8 vs float vs quantize_static"),
     "search": ("tquant.benchmarks.bench_search", "MSE / cross-entropy range searches: tquant vs aihwkit"),
+    "startup": ("tquant.benchmarks.bench_startup", "start-up and whole-job wall times, each in a fresh process"),
 }
 
 
