@@ -43,8 +43,6 @@ from pathlib import Path
 
 import torch
 
-from tquant.kernels.quantizer_call import host_lane_status
-
 RESULTS_ROOT = Path("tquant-bench-results")
 """Where results go without ``--out``: ``./tquant-bench-results/<device>/``, relative to the
 working directory of the run (never the committed ``benchmarks/results/``, never site-packages)."""
@@ -120,7 +118,6 @@ def environment(device: torch.device | str, warn: bool = True) -> dict:
         "torch": torch.__version__,
         "tquant": tquant_version,
         "triton": triton_version,
-        "cpu_host_lane": host_lane_status() if device.type == "cpu" else None,  # numba or numpy
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -477,7 +474,7 @@ def environment_markdown(env: dict) -> str:
     """The metadata of a run as a markdown bullet list; a busy machine's warning comes first, in bold."""
     finish_environment(env)
     keys = (
-        "device", "torch", "tquant", "triton", "cpu_host_lane", "python", "threads", "cpu_count", "cpus_usable", "date",
+        "device", "torch", "tquant", "triton", "python", "threads", "cpu_count", "cpus_usable", "date",
         "loadavg_1m", "loadavg_1m_end",
     )
     lines = [f"- {k}: {env.get(k)}" for k in keys if env.get(k) is not None]

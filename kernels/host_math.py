@@ -6,11 +6,6 @@ take. Every function here is the float32 transcription of its counterpart in
 ``reference.py`` (same operations in the same order; IEEE float32 arithmetic is correctly
 rounded in numpy and torch alike), and the tests compare the two bit for bit: ``*_host`` on
 numpy arrays (per channel), ``*_f32`` on numpy float32 scalars (per tensor).
-
-The per-tensor functions (``update_range_f32``, ``qparams_f32``, ``fake_quant_consts``) are also
-compiled as they are by numba for the host lane's fused kernels (``host_jit.py``): they call no
-other Python function, and use only what numba's nopython mode types the same way as Python
-(``np.float32`` scalars, ``math``, comparisons).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Which ``pip install 'tquant[...]'`` extra provides an optional dependency.
 
 tquant's core needs only torch and numpy. The export (``onnx``), the demo (``demo``), the Triton
-kernels (``triton``), the compiled CPU host lane (``cpu``: numba) and the tests (``cpu-dev``,
-``dev``) come with extras (``pyproject.toml``);
+kernels (``triton``) and the tests (``cpu-dev``, ``dev``) come with extras (``pyproject.toml``);
 an error for a missing optional module names the extra that brings it, not a catch-all.
 """
 
@@ -18,7 +17,6 @@ EXTRA_OF_MODULE = {
     "tqdm": "demo",
     "rich": "demo",
     "triton": "triton",
-    "numba": "cpu",
     "pytest": "cpu-dev",
     "hypothesis": "cpu-dev",
 }
@@ -28,8 +26,7 @@ EXTRA_CONTENTS = {
     "onnx": "onnx, onnxruntime, onnxscript",
     "demo": "scikit-learn, matplotlib, tqdm, rich",
     "triton": "triton",
-    "cpu": "numba",
-    "cpu-dev": "onnx, demo, cpu, pytest, hypothesis, ruff; no Triton",
+    "cpu-dev": "onnx, demo, pytest, hypothesis, ruff; no Triton",
     "dev": "cpu-dev + triton",
 }
 

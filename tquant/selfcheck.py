@@ -8,7 +8,6 @@ from torch import nn
 from . import kernels
 from .config import QuantizationMap
 from .conversion import append_default_conversions, convert_to_quantized
-from .kernels.quantizer_call import host_lane_status
 
 
 def add_parser(subparsers) -> None:
@@ -33,7 +32,6 @@ def run(args) -> int:
     from . import __version__
 
     print(f"tquant {__version__}, torch {torch.__version__}, backend {kernels.get_backend()}")
-    print(f"  small CPU quantizer calls: {host_lane_status()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ok = True
     for device in devices:
