@@ -474,11 +474,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=None, help="log2 of the sizes (default 10 16 18 20 22 24)"
     )
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="forward (range update + fake quant), backward, full (default: all three)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help="default: all that run here (tquant-triton on CUDA only)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     return parser
 
 

@@ -505,10 +505,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help=f"results folder (default: ./{RESULTS_ROOT}/<device>/; a temporary one with --quick); "
         "the only way to write into tquant's own tree, e.g. the committed benchmarks/results/<device>/",
     )
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per provider")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider first")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per provider (default: the benchmark's, by size; few with --quick)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls per provider first (default: the benchmark's; fewer with --quick)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads before running (default: torch's, all usable cores)")
 
 
 class OutputDirError(ValueError):

@@ -40,6 +40,14 @@ def install_hint(module: str | None) -> str | None:
     return f"pip install 'tquant[{extra}]' ({EXTRA_CONTENTS[extra]})"
 
 
+def missing_dependency_line(command: str, err: ImportError) -> str:
+    """``tquant inspect: missing dependency onnx: pip install 'tquant[onnx]' (...)``: the one line the
+    ``tquant`` command prints when a subcommand cannot import an optional dependency."""
+    missing = getattr(err, "name", None) or str(err)
+    hint = install_hint(missing) or "see the optional dependencies in tquant's README"
+    return f"tquant {command}: missing dependency {missing}: {hint}"
+
+
 def missing_dependency_error(err: ImportError, what: str) -> ModuleNotFoundError | None:
     """A ``ModuleNotFoundError`` saying that ``what`` needs ``err.name`` and which extra installs it,
     or None when no extra provides the missing module (then ``err`` is the error to raise)."""

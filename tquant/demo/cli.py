@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .pipeline import run_demo
 from .settings import (
     DEFAULT_BITS,
     DEFAULT_EPOCHS,
@@ -105,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     missing optional dependency; 1 with a one-line message if writing a result fails or the
     export/validation step fails, or with ``--strict`` when a check failed; 130 on Ctrl-C.
     """
+    from .pipeline import run_demo  # torch, sklearn, onnxruntime: only when the demo runs
+
     try:
         config = DemoConfig(
             epochs=args.epochs, qat_epochs=args.qat_epochs, bits=args.bits, device=args.device,
