@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,18 +150,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def load_verdict(start: float | None, end: float | None, threads: int, cpus: int) -> tuple[bool, str]:
+def load_verdict(start: float | None, end: float | None, threads: int, cpus: int,
+                 competing: int = 0) -> tuple[bool, str]:
     """``(busy, sentence)`` for the 1-minute load averages at the start and end of a run.
 
     The load of other work is the load at the start, or at the end minus the run's own threads
     (the larger); the machine was busy when that plus the run's threads exceeds ``cpus`` by more
     than :data:`BUSY_SLACK`: then the run shared cores with others and its timings, and any
-    comparison drawn from them, are not reliable.
+    comparison drawn from them, are not reliable. ``competing`` busy processes that the benchmark
+    started itself (:func:`competing_load`) are the point of such a run, not other work: they are
+    taken out of the end load.
     """
     if start is None and end is None:
         return False, "load average unknown on this OS"
     own = min(threads, cpus)
-    other = max(start or 0.0, (end - own) if end is not None else 0.0)
+    other = max(start or 0.0, (end - own - competing) if end is not None else 0.0)
     loads = f"load average {start}" + (f" at the start, {end} at the end" if end is not None else "")
     busy = other + own > cpus + BUSY_SLACK
     if busy:
@@ -183,10 +187,29 @@ def finish_environment(env: dict) -> dict:
     env["loadavg_1m_end"] = _loadavg()
     threads = int(env.get("threads") or torch.get_num_threads())
     cpus = int(env.get("cpus_usable") or usable_cpus())
-    env["busy"], env["load_note"] = load_verdict(env.get("loadavg_1m"), env["loadavg_1m_end"], threads, cpus)
+    env["busy"], env["load_note"] = load_verdict(env.get("loadavg_1m"), env["loadavg_1m_end"], threads, cpus,
+                                                 int(env.get("competing_processes") or 0))
     if env["busy"]:
         print(f"warning: {env['load_note']}", file=sys.stderr)
     return env
+
+
+@contextlib.contextmanager
+def competing_load(n: int, env: dict | None = None) -> Iterator[None]:
+    """``n`` busy processes (a Python loop each) competing for the CPUs while the block runs, killed at
+    its end: how a benchmark measures a busy machine on purpose (recorded as ``competing_processes``)."""
+    if env is not None:
+        env["competing_processes"] = n
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(1.0)  # let the scheduler spread them over the cores
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -475,7 +498,7 @@ def environment_markdown(env: dict) -> str:
     finish_environment(env)
     keys = (
         "device", "torch", "tquant", "triton", "python", "threads", "cpu_count", "cpus_usable", "date",
-        "loadavg_1m", "loadavg_1m_end",
+        "loadavg_1m", "loadavg_1m_end", "competing_processes",
     )
     lines = [f"- {k}: {env.get(k)}" for k in keys if env.get(k) is not None]
     if env.get("busy"):

@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 
 import tquant
 
-from helpers import assert_bits_equal, tie_values
+from helpers import assert_bits_equal, gpu, tie_values
 from models import cnn_case, make_qmap, mlp_case, transformer_case
 
 
@@ -245,7 +245,7 @@ def test_old_checkpoint_of_uninitialised_per_channel_quantizers_loads():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_cuda_graphs_capture_a_full_qat_step_without_host_syncs():
     """``mode="reduce-overhead"``: the QAT step replays as CUDA graphs; no step synchronises the host."""
     model, qmap, sample = mlp_case(per_channel=True)

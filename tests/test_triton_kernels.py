@@ -24,17 +24,17 @@ from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 from tquant.kernels.range_update import _finalize_torch
 
-from helpers import assert_bits_equal
+from helpers import NO_CUDA, assert_bits_equal, needs_triton
 
 pytestmark = [
-    pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"),
+    needs_triton,
     # the interpreter's numpy warns on inf - inf inside the rounding helper (the result is discarded)
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 
 if HAS_TRITON:
     from tquant.kernels import _triton_fake_quant as FQ
