@@ -378,7 +378,7 @@ def export_mode(
     Raises:
         ExportError: a layer in training mode, bad options, a weight quantizer called with a
             tensor that is not its layer's weight.
-        tquant.QuantizerNotInitializedError: an active quantizer never saw data (raised here for
+        tquant.QuantizerNotInitializedError: an active quantizer never saw a finite value (raised here for
             quantizers whose layer switches say they run, else when the block's forward uses it).
 
     Yields:

@@ -102,6 +102,50 @@ def test_blocked_cpu_passes_match_the_reference(monkeypatch, shape, axis, symmet
         assert mask.numel() == 0
 
 
+@pytest.mark.parametrize("numel", [1000, 64, 65, 1], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunked_cpu_passes_match_the_reference(monkeypatch, numel, symmetric, dtype, threads):
+    """Large per-tensor CPU tensors run range and fake quantization chunk by chunk on threads (here chunks
+    of 64 elements, a ragged last one): the reference's range, bits and mask, NaN/inf/zeros of both signs."""
+    import importlib
+
+    fq, hc = importlib.import_module("tquant.kernels.fake_quant"), importlib.import_module("tquant.kernels.host_chunks")
+    monkeypatch.setattr(hc, "CHUNK", 64)
+    monkeypatch.setattr(fq, "CHUNKED_MIN_NUMEL", 1)
+    monkeypatch.setattr(fq, "HOST_MAX_NUMEL", 0)
+    calls = []
+    run_chunks = hc.run_chunks
+    monkeypatch.setattr(hc, "run_chunks", lambda n, fn: calls.append(n) or run_chunks(n, fn))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = (torch.randn(numel) * 3 + 0.5).to(dtype)
+        if numel > 5:
+            x[::37], x[3], x[4], x[5] = float("nan"), float("inf"), -float("inf"), -0.0
+        state = [torch.full((), math.nan) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+        with K.use_backend("torch"):
+            K.update_range(x, *state, 4, symmetric, -1, K.ESTIMATOR_RUNNING, 0.9, False)
+        bmin, bmax = ref.batch_minmax_reference(x)
+        expected = ref.qparams_from_range(bmin, bmax, 4, symmetric)
+        assert [float(t) for t in state[:2]] == [float(bmin), float(bmax)] and not torch.signbit(state[1])
+        assert all(torch.equal(a, b) for a, b in zip(state[2:], expected))
+        y, mask = fq._fake_quant_torch(x, *state[2:], 4, symmetric, -1, True)
+    finally:
+        torch.set_num_threads(previous)
+    assert calls == [numel, numel], "the range and the fake quantization both ran chunk by chunk"
+    want = ref.fake_quant_reference(x, *state[2:], 4, symmetric)
+    nan = torch.isnan(want)
+    assert y.dtype == dtype and torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].float().view(torch.int32), want[~nan].float().view(torch.int32))
+    codes = torch.round(x.float() / torch.clamp(state[2], min=ref.EPS))
+    if not symmetric:
+        codes = codes + torch.clamp(torch.round(state[3]), 0, 15)
+    qmin, qmax = ref.grid_bounds(4, symmetric, state[4])
+    assert torch.equal(mask, (codes >= qmin) & (codes <= qmax))
+
+
 LAYOUTS = {
     "nhwc": lambda x: x.contiguous(memory_format=torch.channels_last),
     "permuted": lambda x: x.permute(2, 0, 3, 1),

@@ -46,7 +46,9 @@ class QuantizationManager(nn.Module):
     estimating, the min/max estimators update the range and the parameters and fake-quantize in
     two passes over ``x`` (two launches on the GPU), with no host synchronisation; with fixed or
     learned ranges it is one pass. An eval forward (or ``fix_ranges``) of a quantizer that never
-    saw data raises :class:`QuantizerNotInitializedError` naming ``layer_name``.
+    saw a finite value (no batch, or only empty / all-NaN/inf ones) raises
+    :class:`QuantizerNotInitializedError` naming ``layer_name``; the training forward never reads the
+    device to know it (the range state stays NaN), the check does, once, at the change of state.
     """
 
     MAX_PLANS = 8
