@@ -20,6 +20,7 @@ from ..extras import missing_dependency_error
 from ._quiet import quiet_third_party_logs
 
 _EXPORTS_BY_MODULE = {
+    "float_report": ("FloatOpsWarning",),
     "inspect_cmd": ("InspectReport", "inspect_onnx"),
     "onnx_export": ("DEFAULT_OPSET", "ExportResult", "export_onnx"),
     "prepare": ("ExportError", "ExportPlan", "QuantizerExport", "export_mode"),

@@ -31,6 +31,7 @@ _EXPORTS_BY_MODULE = {
     ),
     "distributed": ("convert_sync_ranges",),
     "errors": ("QuantizationConfigError", "QuantizerNotInitializedError"),
+    "graph": ("TracingFallbackWarning",),
     "layers": (
         "QuantBatchNorm2d", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantizedInputModule",
         "QuantLayerNorm", "QuantLinear",

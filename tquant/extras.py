@@ -1,7 +1,8 @@
 """Which ``pip install 'tquant[...]'`` extra provides an optional dependency.
 
 tquant's core needs only torch and numpy. The export (``onnx``), the demo (``demo``), the Triton
-kernels (``triton``) and the tests (``cpu-dev``, ``dev``) come with extras (``pyproject.toml``);
+kernels (``triton``), the tests (``cpu-dev``, ``dev``) and the peers ``tquant bench onnx`` measures
+when present (``peers``: Brevitas) come with extras (``pyproject.toml``);
 an error for a missing optional module names the extra that brings it, not a catch-all.
 """
 
@@ -19,6 +20,8 @@ EXTRA_OF_MODULE = {
     "triton": "triton",
     "pytest": "cpu-dev",
     "hypothesis": "cpu-dev",
+    "brevitas": "peers",
+    "onnxoptimizer": "peers",
 }
 """Top-level module name -> the extra that installs it."""
 
@@ -28,6 +31,7 @@ EXTRA_CONTENTS = {
     "triton": "triton",
     "cpu-dev": "onnx, demo, pytest, hypothesis, ruff; no Triton",
     "dev": "cpu-dev + triton",
+    "peers": "brevitas, onnxoptimizer: Brevitas graph mode in tquant bench onnx",
 }
 
 

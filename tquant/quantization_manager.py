@@ -176,7 +176,8 @@ class QuantizationManager(nn.Module):
         q.ensure_state(shape, x.device)
         est.ensure_range_buffers(shape, x.device)
         state = ((q._parameters, "_delta"), (q._buffers if q.symmetric else q._parameters, "_zero_float"),
-                 (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"))
+                 (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"),
+                 (est._buffers, "_workspace"), (est._buffers, "_arrivals"))
         try:
             call = quantizer_call(x, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum, state)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -215,7 +216,7 @@ class QuantizationManager(nn.Module):
             else:
                 kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                      q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,
-                                     False)
+                                     False, workspace=(est._workspace, est._arrivals))
         elif not q._initialized:  # the host's answer, settled at the change to eval / fixed / learned ranges
             raise QuantizerNotInitializedError(self.layer_name)
         return kernels.fake_quant(x, q._delta, q._zero_float, q._signed, q.n_bits, q.symmetric, q.kernel_axis)
