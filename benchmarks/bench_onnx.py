@@ -98,7 +98,8 @@ def _positive_int(text: str) -> int:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser)
-    parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, default=list(SUBJECTS))
+    parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, default=list(SUBJECTS),
+                        help="models to deploy (default: " + " ".join(SUBJECTS) + ")")
     parser.add_argument("--epochs", type=int, default=None, help="float training epochs (digits; default 15)")
     parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits; default 4, as the demo)")
     parser.add_argument("--seeds", type=_positive_int, default=None,

@@ -414,7 +414,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     common.add_common_args(parser)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
                         help="default: mlp cnn on the CPU, resnet50 encoder on CUDA")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
     return parser
 

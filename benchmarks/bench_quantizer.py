@@ -41,6 +41,9 @@ QUICK_SIZES = [2**10, 2**12]
 HOST_SIZE = 2**10
 """The size of the host-overhead acceptance (full mode): tquant within HOST_RATIO of torch's op."""
 HOST_RATIO = 1.3
+BUSY_SIZES = (2**20, 2**22, 2**24)
+BUSY_RATIO = 1.2
+"""With competing busy processes (``--busy``): tquant within BUSY_RATIO of torch's op at these sizes (forward)."""
 MODES = ("forward", "backward", "full")
 BYTES_PER_ELEMENT = {"forward": 13, "backward": 9, "full": 22}
 """Minimal fp32 traffic per element of each mode (see the module docstring)."""
@@ -361,6 +364,7 @@ def write_markdown(path: Path, env: dict, rows: list[dict], history: list[dict],
             f"is {verdict} `{BASELINE}`: speed-up {s:.3f}.",
             "",
         ]
+    parts += busy_verdicts(env, rows)
     host = {r["provider"]: r for r in rows if r["numel"] == HOST_SIZE and r["mode"] == "full"}
     tq = host.get("tquant-triton") or host.get(ACCEPTANCE_PROVIDER)
     if tq and BASELINE in host:
@@ -428,6 +432,23 @@ def write_markdown(path: Path, env: dict, rows: list[dict], history: list[dict],
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
+def busy_verdicts(env: dict, rows: list[dict]) -> list[str]:
+    """With ``--busy``: tquant's training forward against torch's op at :data:`BUSY_SIZES` (markdown lines)."""
+    if not env.get("competing_processes"):
+        return []
+    forward = {(r["numel"], r["provider"]): r["median_ms"] for r in rows if r["mode"] == "forward"}
+    lines = []
+    for numel in BUSY_SIZES:
+        ours, base = forward.get((numel, ACCEPTANCE_PROVIDER)), forward.get((numel, BASELINE))
+        if ours and base:
+            verdict = "within" if ours / base <= BUSY_RATIO else "OVER"
+            lines.append(f"- 2^{numel.bit_length() - 1}: `{ACCEPTANCE_PROVIDER}` {ours:.1f} ms, `{BASELINE}` "
+                         f"{base:.1f} ms: {ours / base:.2f}x, {verdict} the {BUSY_RATIO}x budget")
+    head = (f"**Busy machine ({env['competing_processes']} competing busy process(es), training forward):** "
+            f"`{ACCEPTANCE_PROVIDER}` within {BUSY_RATIO}x of `{BASELINE}` at 2^20-2^24")
+    return [head, "", *lines, ""] if lines else []
+
+
 def plot(path: Path, env: dict, rows: list[dict]) -> bool:
     """Speed-up vs the torch op and GB/s against size, one column per mode. False without matplotlib."""
     plt = common.pyplot()
@@ -471,11 +492,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=None, help="log2 of the sizes (default 10 16 18 20 22 24)"
     )
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="forward (range update + fake quant), backward, full (default: all three)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help="default: all that run here (tquant-triton on CUDA only)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--busy", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="time with N competing busy processes, started and stopped by the benchmark "
+                        "(default 0; --busy alone: 1); results go to quantizer-busy.*")
     parser.add_argument("--host", action="store_true",
                         help="measure the host cost per call of each lane instead (2^10 elements; the Triton lane "
                              "with its launches stubbed on a CPU): quantizer_host.{csv,json,md}")
@@ -509,20 +535,24 @@ def main(args: argparse.Namespace) -> int:
         f"bench_quantizer on {env['device']} ({env['threads']} threads, load {env['loadavg_1m']}), "
         f"torch {env['torch']}"
     )
-    rows, run_notes = run_benchmark(
-        sizes,
-        args.modes,
-        providers,
-        quick=args.quick,
-        reps=args.reps,
-        warmup=args.warmup,
-        measure_memory=not args.no_memory,
-        device=device,
-    )
+    stem = "quantizer-busy" if args.busy else "quantizer"
+    if args.busy:
+        notes.append(f"--busy: {args.busy} competing busy process(es) (a Python loop each) ran during the timings")
+    with common.competing_load(args.busy, env):
+        rows, run_notes = run_benchmark(
+            sizes,
+            args.modes,
+            providers,
+            quick=args.quick,
+            reps=args.reps,
+            warmup=args.warmup,
+            measure_memory=not args.no_memory,
+            device=device,
+        )
     notes += run_notes
-    history = common.record_run(out, "quantizer", env, rows, CSV_FIELDS, notes)
-    write_markdown(out / "quantizer.md", env, rows, history, notes)
-    if not args.no_plot and not plot(out / "quantizer.png", env, rows):
+    history = common.record_run(out, stem, env, rows, CSV_FIELDS, notes)
+    write_markdown(out / f"{stem}.md", env, rows, history, notes)
+    if not args.no_plot and not plot(out / f"{stem}.png", env, rows):
         print("matplotlib not installed: no plot")
     print(f"results in {out}")
     return 0

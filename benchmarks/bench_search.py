@@ -353,8 +353,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog="python -m tquant.benchmarks.bench_search", description=__doc__.splitlines()[0]
     )
     common.add_common_args(parser)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None, help="default: all")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help="default: all that run here (aihwkit's when it imports)")
     parser.add_argument("--num-candidates", type=int, default=None, help="grid size (default 100; 20 with --quick)")
     parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
                         help="default: cpu, and cuda when available")

@@ -1,9 +1,14 @@
-"""``tquant bench quantizer|qat|onnx|search [--quick] ...``: run the benchmarks from the command line."""
+"""``tquant bench quantizer|qat|onnx|search|startup [--quick] ...``: run the benchmarks from the command line.
+
+Two stages: ``tquant bench`` knows the benchmarks by name (``tquant bench --help`` imports none of
+them); the chosen one's module (with torch) is imported only to parse its own options and run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import textwrap
 
 BENCHES = {
     "quantizer": (
@@ -13,33 +18,43 @@ BENCHES = {
     "qat": ("tquant.benchmarks.bench_qat", "QAT training step overhead over float: tquant vs torch.ao"),
     "onnx": ("tquant.benchmarks.bench_onnx", "onnxruntime latency: tquant int8 vs float vs quantize_static"),
     "search": ("tquant.benchmarks.bench_search", "MSE / cross-entropy range searches: tquant vs aihwkit"),
+    "startup": ("tquant.benchmarks.bench_startup", "start-up and whole-job wall times, each in a fresh process"),
 }
 
 
+def _listing() -> str:
+    return "\n".join(f"  {name:<10} {help_text}" for name, (_, help_text) in BENCHES.items())
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``bench`` and one sub-subcommand per benchmark script (options come from the script)."""
+    """Register ``bench BENCH [options]``; the options are the chosen benchmark's (``tquant bench BENCH --help``)."""
     parser = subparsers.add_parser(
         "bench",
         help="run a benchmark and write its results",
-        description=(
+        description=textwrap.fill(
             "Run a tquant benchmark; results go to --out, else ./tquant-bench-results/<device>/ (a temporary "
             "folder with --quick). tquant's own tree (a checkout's committed benchmarks/results/) is written "
-            "only when --out names it. A warning says when the machine was busy during the run."
+            "only when --out names it. A warning says when the machine was busy during the run. "
+            "Options of a benchmark: tquant bench BENCH --help.", width=78
         ),
+        epilog="benchmarks:\n" + _listing(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(parser))
-    for name, (module_name, help_text) in BENCHES.items():
-        module = importlib.import_module(module_name)
-        module.build_parser(sub.add_parser(name, help=help_text, description=help_text))
+    parser.add_argument("bench", nargs="?", choices=list(BENCHES), metavar="BENCH",
+                        help="the benchmark to run: " + ", ".join(BENCHES))
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                        help="the benchmark's options (see tquant bench BENCH --help)")
+    parser.set_defaults(bench_parser_class=type(parser))
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch to the chosen benchmark's ``main``; without one, list them."""
+    """Parse the chosen benchmark's options and run its ``main``; without one, list them."""
     if getattr(args, "bench", None) is None:
-        print("tquant bench: choose one of " + ", ".join(BENCHES))
-        for name, (_, help_text) in BENCHES.items():
-            print(f"  {name:<10} {help_text}")
+        print("tquant bench: choose one of " + ", ".join(BENCHES) + "\n" + _listing())
         return 2
-    module = importlib.import_module(BENCHES[args.bench][0])
-    return int(module.main(args) or 0)
+    module_name, help_text = BENCHES[args.bench]
+    module = importlib.import_module(module_name)
+    parser_class = getattr(args, "bench_parser_class", argparse.ArgumentParser)
+    parser = module.build_parser(parser_class(prog=f"tquant bench {args.bench}", description=help_text))
+    return int(module.main(parser.parse_args(args.bench_args)) or 0)

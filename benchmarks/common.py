@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +43,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-
-from tquant.kernels.quantizer_call import host_lane_status
 
 RESULTS_ROOT = Path("tquant-bench-results")
 """Where results go without ``--out``: ``./tquant-bench-results/<device>/``, relative to the
@@ -120,7 +119,6 @@ def environment(device: torch.device | str, warn: bool = True) -> dict:
         "torch": torch.__version__,
         "tquant": tquant_version,
         "triton": triton_version,
-        "cpu_host_lane": host_lane_status() if device.type == "cpu" else None,  # numba or numpy
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -152,18 +150,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def load_verdict(start: float | None, end: float | None, threads: int, cpus: int) -> tuple[bool, str]:
+def load_verdict(start: float | None, end: float | None, threads: int, cpus: int,
+                 competing: int = 0) -> tuple[bool, str]:
     """``(busy, sentence)`` for the 1-minute load averages at the start and end of a run.
 
     The load of other work is the load at the start, or at the end minus the run's own threads
     (the larger); the machine was busy when that plus the run's threads exceeds ``cpus`` by more
     than :data:`BUSY_SLACK`: then the run shared cores with others and its timings, and any
-    comparison drawn from them, are not reliable.
+    comparison drawn from them, are not reliable. ``competing`` busy processes that the benchmark
+    started itself (:func:`competing_load`) are the point of such a run, not other work: they are
+    taken out of the end load.
     """
     if start is None and end is None:
         return False, "load average unknown on this OS"
     own = min(threads, cpus)
-    other = max(start or 0.0, (end - own) if end is not None else 0.0)
+    other = max(start or 0.0, (end - own - competing) if end is not None else 0.0)
     loads = f"load average {start}" + (f" at the start, {end} at the end" if end is not None else "")
     busy = other + own > cpus + BUSY_SLACK
     if busy:
@@ -186,10 +187,29 @@ def finish_environment(env: dict) -> dict:
     env["loadavg_1m_end"] = _loadavg()
     threads = int(env.get("threads") or torch.get_num_threads())
     cpus = int(env.get("cpus_usable") or usable_cpus())
-    env["busy"], env["load_note"] = load_verdict(env.get("loadavg_1m"), env["loadavg_1m_end"], threads, cpus)
+    env["busy"], env["load_note"] = load_verdict(env.get("loadavg_1m"), env["loadavg_1m_end"], threads, cpus,
+                                                 int(env.get("competing_processes") or 0))
     if env["busy"]:
         print(f"warning: {env['load_note']}", file=sys.stderr)
     return env
+
+
+@contextlib.contextmanager
+def competing_load(n: int, env: dict | None = None) -> Iterator[None]:
+    """``n`` busy processes (a Python loop each) competing for the CPUs while the block runs, killed at
+    its end: how a benchmark measures a busy machine on purpose (recorded as ``competing_processes``)."""
+    if env is not None:
+        env["competing_processes"] = n
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(1.0)  # let the scheduler spread them over the cores
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -477,8 +497,8 @@ def environment_markdown(env: dict) -> str:
     """The metadata of a run as a markdown bullet list; a busy machine's warning comes first, in bold."""
     finish_environment(env)
     keys = (
-        "device", "torch", "tquant", "triton", "cpu_host_lane", "python", "threads", "cpu_count", "cpus_usable", "date",
-        "loadavg_1m", "loadavg_1m_end",
+        "device", "torch", "tquant", "triton", "python", "threads", "cpu_count", "cpus_usable", "date",
+        "loadavg_1m", "loadavg_1m_end", "competing_processes",
     )
     lines = [f"- {k}: {env.get(k)}" for k in keys if env.get(k) is not None]
     if env.get("busy"):
@@ -508,10 +528,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help=f"results folder (default: ./{RESULTS_ROOT}/<device>/; a temporary one with --quick); "
         "the only way to write into tquant's own tree, e.g. the committed benchmarks/results/<device>/",
     )
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per provider")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider first")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per provider (default: the benchmark's, by size; few with --quick)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls per provider first (default: the benchmark's; fewer with --quick)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads before running (default: torch's, all usable cores)")
 
 
 class OutputDirError(ValueError):

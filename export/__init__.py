@@ -9,42 +9,28 @@
   ``tquant inspect`` command, :mod:`tquant.export.inspect_cmd`).
 
 Needs the ``onnx`` extra: ``pip install 'tquant[onnx]'`` (onnx, onnxruntime, onnxscript); without
-it, importing this package raises a ``ModuleNotFoundError`` that says so. Importing it also drops
+it, the first use of a name from this package (``from tquant.export import export_onnx``) raises a
+``ModuleNotFoundError`` that says so. Importing it also drops
 torch.onnx's "torchvision is not installed. Skipping torchvision::nms" log lines
 (:func:`~tquant.export._quiet.quiet_third_party_logs`); real warnings pass.
 """
 
+from .._lazy import lazy_attributes
 from ..extras import missing_dependency_error
 from ._quiet import quiet_third_party_logs
 
-try:
-    from .float_report import FloatOpsWarning
-    from .inspect_cmd import InspectReport, inspect_onnx
-    from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
-    from .prepare import ExportError, ExportPlan, QuantizerExport, export_mode
-    from .validate import MATMULNBITS_ACCURACY, OutputComparison, ValidationReport, WeightComparison, validate_onnx
-except ImportError as err:
-    _missing = missing_dependency_error(err, "tquant.export")
-    if _missing is None:
-        raise
-    raise _missing from err
+_EXPORTS_BY_MODULE = {
+    "float_report": ("FloatOpsWarning",),
+    "inspect_cmd": ("InspectReport", "inspect_onnx"),
+    "onnx_export": ("DEFAULT_OPSET", "ExportResult", "export_onnx"),
+    "prepare": ("ExportError", "ExportPlan", "QuantizerExport", "export_mode"),
+    "validate": ("MATMULNBITS_ACCURACY", "OutputComparison", "ValidationReport", "WeightComparison", "validate_onnx"),
+}
+
+# names load on first use (``tquant inspect --help`` needs only its option parser); a missing onnx
+# extra is reported then, naming the extra that brings it
+__getattr__, __dir__, __all__ = lazy_attributes(
+    __name__, _EXPORTS_BY_MODULE, lambda err: missing_dependency_error(err, "tquant.export")
+)
 
 quiet_third_party_logs()
-
-__all__ = [
-    "DEFAULT_OPSET",
-    "ExportError",
-    "ExportPlan",
-    "ExportResult",
-    "FloatOpsWarning",
-    "QuantizerExport",
-    "export_mode",
-    "export_onnx",
-    "InspectReport",
-    "inspect_onnx",
-    "MATMULNBITS_ACCURACY",
-    "OutputComparison",
-    "ValidationReport",
-    "WeightComparison",
-    "validate_onnx",
-]

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..extras import missing_dependency_line
+
 __all__ = ["InspectReport", "QDQEntry", "add_parser", "check_readable", "inspect_onnx", "run"]
 
 _BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT32": 32}
@@ -358,7 +360,12 @@ def _print_to_closed_pipe_safely(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tquant inspect``; returns the exit status (0, or 2 with one line on stderr when the file
-    is missing, a directory, empty, unreadable or not ONNX)."""
+    is missing, a directory, empty, unreadable or not ONNX, or when onnx is not installed)."""
+    try:
+        import onnx  # noqa: F401  (the parser needs none of it; reading the file does)
+    except ImportError as err:
+        print(missing_dependency_line("inspect", err), file=sys.stderr)
+        return 2
     problem = check_readable(args.file)
     if problem is not None:
         print(f"tquant inspect: error: {problem}", file=sys.stderr)

@@ -20,7 +20,15 @@ import tquant
 
 from .float_report import FloatOpsWarning, float_op_notes, node_scopes
 from .integer_passes import mean_to_global_pool
-from .prepare import INT4_OPSET, ExportError, QuantizerExport, export_mode, flatten_outputs, warn_estimating
+from .prepare import (
+    INT4_OPSET,
+    ExportError,
+    QuantizerExport,
+    example_args,
+    export_mode,
+    flatten_outputs,
+    warn_estimating,
+)
 from .qdq_passes import collapse_dq_q
 from .translations import fold_int4_casts, translation_table
 
@@ -60,17 +68,6 @@ class ExportResult:
             f"{n_a} activation quantizers; nodes: {nodes}"
         )
         return "\n".join([text, *(f"note: {n}" for n in self.notes), *(f"float: {f}" for f in self.float_ops)])
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"export_onnx: example_inputs must be a tensor or a tuple of inputs, got "
-        f"{type(example_inputs).__name__}"
-    )
 
 
 def _dynamic_batch(args: tuple) -> tuple[tuple, tuple | None]:
@@ -157,7 +154,7 @@ def export_onnx(
         an :class:`ExportResult` (path, sizes, the quantizers and how they were stored).
 
     Raises:
-        ExportError: a layer in training mode or an option the opset cannot express.
+        ExportError: a layer in training mode, an empty example batch, or an option the opset cannot express.
         tquant.QuantizerNotInitializedError: a quantizer the model uses has no range (names it).
 
     Example:
@@ -165,7 +162,7 @@ def export_onnx(
         >>> export_onnx(qmodel, torch.randn(8, 3, 32, 32), "model.onnx")
     """
     path = os.fspath(path)
-    args = _as_tuple(example_inputs)
+    args = example_args(example_inputs, "export_onnx")
     opset = DEFAULT_OPSET if opset is None else int(opset)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):

@@ -59,6 +59,27 @@ class ExportError(RuntimeError):
     """The model cannot be exported as asked (the message names the layer and what to change)."""
 
 
+def example_args(example_inputs, caller: str) -> tuple:
+    """``example_inputs`` (a tensor or a tuple/list of positional inputs) as a tuple; an empty tensor
+    among them is an :class:`ExportError` (one line: the model is traced or compared on them)."""
+    if isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise TypeError(
+            f"{caller}: example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}"
+        )
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.numel() == 0:
+            where = "example_inputs" if isinstance(example_inputs, torch.Tensor) else f"example_inputs[{i}]"
+            raise ExportError(
+                f"{caller}: {where} is empty (shape {tuple(a.shape)}): the example batch must be non-empty "
+                "(at least one sample)"
+            )
+    return args
+
+
 @dataclass
 class QuantizerExport:
     """One quantizer as it is exported.
@@ -466,7 +487,7 @@ def export_mode(
     Raises:
         ExportError: a layer in training mode, bad options, a weight quantizer called with a
             tensor that is not its layer's weight.
-        tquant.QuantizerNotInitializedError: an active quantizer never saw data (raised here for
+        tquant.QuantizerNotInitializedError: an active quantizer never saw a finite value (raised here for
             quantizers whose layer switches say they run, else when the block's forward uses it).
 
     Yields:

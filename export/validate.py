@@ -39,7 +39,7 @@ from .float_outputs import (
     with_exposed_codes,
 )
 from .onnx_values import attr, constants, dequantize
-from .prepare import check_eval, flatten_outputs, warn_estimating
+from .prepare import check_eval, example_args, flatten_outputs, warn_estimating
 
 __all__ = [
     "FUSED_OP_TYPES",
@@ -664,8 +664,8 @@ def validate_onnx(
             raise ValueError(f"validate_onnx: unknown level {level!r}; expected one of {LEVELS}")
     check_eval(model)
     warn_estimating(model, "validate_onnx")
-    example = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batches = [tuple(example)]
+    example = example_args(example_inputs, "validate_onnx")
+    batches = [example]
     if inputs is not None:
         batches += [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in inputs]
     else:

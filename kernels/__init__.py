@@ -4,8 +4,7 @@ Every op has an eager reference in :mod:`tquant.kernels.reference` (group-wise: 
 FP8: ``fp8_reference``) that defines its numerics;
 the torch path and the Triton kernels reproduce it bit for bit. Which implementation runs
 is chosen in one place, :mod:`tquant.kernels.backend` (``TQUANT_BACKEND=auto|torch|triton|reference``).
-This package imports only torch and numpy (Triton when it is installed; numba, for the CPU host lane's
-compiled kernels, on first use when it is installed).
+This package imports only torch and numpy (and Triton when it is installed).
 """
 
 from . import qdq, reference

@@ -8,7 +8,8 @@
   channel, one pair per program per tensor) in a workspace that the caller owns (a quantizer's buffers);
 - the last program to arrive (an atomic counter, reset by that program) reduces the partials
   in a fixed order (so the result does not depend on scheduling), applies the estimator
-  (current / all / running EMA; a NaN old range or ``first`` takes the batch), clamps the range
+  (current / all / running EMA; a NaN old range or ``first`` takes the batch, a batch without a
+  finite value keeps the old range), clamps the range
   to ``x_min <= 0 < x_max``, takes the symmetric sign across all channels, and writes
   ``range_min``, ``range_max``, ``delta``, ``zero_float`` and ``signed`` in place.
 
@@ -49,9 +50,10 @@ __all__ = ["batch_minmax_triton", "update_range_triton"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Range rule applied by the finalize kernel (a constexpr: each is straight-line code).
-_RULE_BATCH = 0  # first batch or current_minmax: the batch range
+_RULE_BATCH = 0  # current_minmax: the batch range
 _RULE_ALL = 1  # min of mins, max of maxes
 _RULE_EMA = 2  # (1 - m) * batch + m * old, finite fallbacks
+_RULE_FIRST = 3  # ``first``: the batch range, the old one ignored (as if NaN)
 
 
 @triton.jit
@@ -132,24 +134,29 @@ def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
                RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The running range after this batch for channels ``rows`` (``update_range_reference``).
 
-    A NaN old range means "no range yet": those channels take the batch range.
+    A NaN old range means "no range yet": those channels take the batch range. A channel whose
+    batch had no finite value (``bmin = +inf``) keeps its old range (NaN when it had none).
     """
     bmin, bmax = _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C, BLOCK_P)
-    if RULE == 0:
-        new_min = bmin
-        new_max = bmax
+    if RULE == 3:
+        old_min = tl.full([BLOCK_C], float("nan"), tl.float32)
+        old_max = tl.full([BLOCK_C], float("nan"), tl.float32)
     else:
         old_min = tl.load(p_rmin + rows, mask=rmask, other=0.0)
         old_max = tl.load(p_rmax + rows, mask=rmask, other=0.0)
-        if RULE == 1:
-            new_min = _minimum(old_min, bmin)
-            new_max = _maximum(old_max, bmax)
-        else:
-            new_min = _ema(bmin, old_min, one_minus_m, m)
-            new_max = _ema(bmax, old_max, one_minus_m, m)
-        new_min = tl.where(old_min != old_min, bmin, new_min)
-        new_max = tl.where(old_max != old_max, bmax, new_max)
-    return new_min, new_max
+    if RULE == 1:
+        new_min = _minimum(old_min, bmin)
+        new_max = _maximum(old_max, bmax)
+    elif RULE == 2:
+        new_min = _ema(bmin, old_min, one_minus_m, m)
+        new_max = _ema(bmax, old_max, one_minus_m, m)
+    else:
+        new_min = bmin
+        new_max = bmax
+    new_min = tl.where(old_min != old_min, bmin, new_min)
+    new_max = tl.where(old_max != old_max, bmax, new_max)
+    seen = bmin < float("inf")  # a finite value was seen (else bmin = +inf, bmax = -inf)
+    return tl.where(seen, new_min, old_min), tl.where(seen, new_max, old_max)
 
 
 @triton.jit
@@ -376,7 +383,9 @@ def plan_workspace(plan: TritonPlan) -> tuple[torch.Tensor, torch.Tensor]:
 
 def range_rule(estimator: int, first: bool = False) -> int:
     """The ``RULE`` constexpr of :func:`_update_range_kernel` for an estimator code."""
-    if first or estimator == ESTIMATOR_CURRENT:
+    if first:
+        return _RULE_FIRST
+    if estimator == ESTIMATOR_CURRENT:
         return _RULE_BATCH
     return _RULE_ALL if estimator == ESTIMATOR_ALL else _RULE_EMA
 

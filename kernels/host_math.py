@@ -6,11 +6,6 @@ take. Every function here is the float32 transcription of its counterpart in
 ``reference.py`` (same operations in the same order; IEEE float32 arithmetic is correctly
 rounded in numpy and torch alike), and the tests compare the two bit for bit: ``*_host`` on
 numpy arrays (per channel), ``*_f32`` on numpy float32 scalars (per tensor).
-
-The per-tensor functions (``update_range_f32``, ``qparams_f32``, ``fake_quant_consts``) are also
-compiled as they are by numba for the host lane's fused kernels (``host_jit.py``): they call no
-other Python function, and use only what numba's nopython mode types the same way as Python
-(``np.float32`` scalars, ``math``, comparisons).
 """
 
 from __future__ import annotations
@@ -29,10 +24,14 @@ _EPS, _ZERO = F32(EPS), F32(0.0)
 
 def update_range_host(bmin: np.ndarray, bmax: np.ndarray, old_min: np.ndarray | None, old_max: np.ndarray | None,
                       estimator: int, momentum: float, first: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``update_range_reference`` in numpy float32 (a NaN old range means "no range yet")."""
-    if first or estimator == ESTIMATOR_CURRENT:
-        return bmin, bmax
-    if estimator == ESTIMATOR_ALL:
+    """``update_range_reference`` in numpy float32 (a NaN old range means "no range yet"; an element
+    whose batch saw no finite value, ``bmin = +inf``, keeps its old range)."""
+    seen = np.isfinite(bmin)
+    if first or old_min is None or old_max is None:
+        old_min = old_max = np.full(np.shape(bmin), np.nan, F32)
+    if estimator == ESTIMATOR_CURRENT:
+        new_min, new_max = bmin, bmax
+    elif estimator == ESTIMATOR_ALL:
         new_min, new_max = np.minimum(old_min, bmin), np.maximum(old_max, bmax)
     elif estimator == ESTIMATOR_RUNNING:
         a, m = F32(1 - momentum), F32(momentum)
@@ -46,7 +45,9 @@ def update_range_host(bmin: np.ndarray, bmax: np.ndarray, old_min: np.ndarray | 
         new_min, new_max = ema(bmin, old_min), ema(bmax, old_max)
     else:
         raise ValueError(f"update_range: unknown estimator code {estimator}")
-    return np.where(np.isnan(old_min), bmin, new_min), np.where(np.isnan(old_max), bmax, new_max)
+    new_min = np.where(np.isnan(old_min), bmin, new_min)
+    new_max = np.where(np.isnan(old_max), bmax, new_max)
+    return np.where(seen, new_min, old_min).astype(F32), np.where(seen, new_max, old_max).astype(F32)
 
 
 def qparams_host(x_min: np.ndarray, x_max: np.ndarray, n_bits: int, symmetric: bool):
@@ -88,7 +89,10 @@ def write_state(values, tensors) -> None:
 def update_range_f32(lo, hi, old_lo, old_hi, estimator: int, momentum: float):
     """``update_range_reference`` for one range held in numpy float32 scalars (each operation is
     rounded to float32, as torch's are). A NaN old bound means "no range yet": that bound takes
-    the batch's, each side on its own, as in the reference."""
+    the batch's, each side on its own, as in the reference; a batch without a finite value
+    (``lo = +inf``) keeps the old range, NaN included."""
+    if not math.isfinite(lo):
+        return old_lo, old_hi
     if estimator == ESTIMATOR_CURRENT:
         return lo, hi
     if estimator == ESTIMATOR_ALL:  # torch.minimum / maximum: the first argument on ties; NaN: the batch's
@@ -111,11 +115,11 @@ def update_range_f32(lo, hi, old_lo, old_hi, estimator: int, momentum: float):
 
 def qparams_f32(x_min, x_max, n_bits: int, symmetric: bool):
     """``qparams_from_range`` for one range held in numpy float32 scalars: ``(delta, zero_float, signed)``."""
-    x_min = x_min if x_min <= 0 else _ZERO
-    x_max = x_max if x_max >= _EPS else _EPS
+    x_min = _ZERO if x_min > 0 else x_min  # torch.minimum / maximum: a NaN ("no range yet") stays NaN
+    x_max = _EPS if x_max < _EPS else x_max
     if not symmetric:
         delta = (x_max - x_min) / F32(2**n_bits - 1)
         return delta, -x_min / delta, False
     signed = bool(x_min < 0)
-    top = -x_min if -x_min >= x_max else x_max
+    top = -x_min if (-x_min >= x_max or x_min != x_min) else x_max  # torch.maximum(|x_min|, x_max): NaN wins
     return top / F32(2 ** (n_bits - 1) - 1 if signed else 2**n_bits - 1), _ZERO, signed

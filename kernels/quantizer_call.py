@@ -22,11 +22,8 @@ into it in place. Values are the reference's (``reference.py``) bit for bit on e
 Lanes (chosen when the call is planned):
 
 - ``triton``: CUDA tensors (or any tensor with ``TQUANT_BACKEND=triton``), the fused kernels;
-- ``numba``: small contiguous fp32 CPU tensors per tensor, when numba is installed (``pip install
-  'tquant[cpu]'``) and ``TQUANT_NUMBA`` is not ``0``: a whole call in one compiled kernel
-  (``host_jit.py``);
-- ``host``: small contiguous fp32/fp16 CPU tensors per tensor otherwise: numpy on the host (no
-  torch op dispatch, float32 arithmetic identical to torch's);
+- ``host``: small contiguous fp32/fp16 CPU tensors per tensor: numpy on the host (no torch op
+  dispatch, float32 arithmetic identical to torch's);
 - ``torch``: vectorised torch ops on any other tensor;
 - ``reference``: ``TQUANT_BACKEND=reference``, the eager reference with autograd through it.
 """
@@ -34,8 +31,6 @@ Lanes (chosen when the call is planned):
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import numpy as np
 import torch
@@ -51,10 +46,7 @@ from .reference import (
     update_range_reference,
 )
 
-__all__ = ["QuantizerCall", "TritonLaneCall", "host_lane_status", "numba_lane_ready", "quantizer_call"]
-
-USE_NUMBA = os.environ.get("TQUANT_NUMBA", "1").strip() != "0"
-"""Whether small fp32 CPU tensors take the ``numba`` lane when numba imports (``TQUANT_NUMBA=0``: no)."""
+__all__ = ["QuantizerCall", "TritonLaneCall", "quantizer_call"]
 
 
 class QuantizerCall:
@@ -218,100 +210,6 @@ class _HostCall(QuantizerCall):
         return self._masked(x, x.detach(), self._fixed_consts(delta, zero_float, signed))
 
 
-class _NumbaCall(_HostCall):
-    """The host lane's contract on contiguous fp32 tensors, each call one compiled kernel
-    (``host_jit``): the range update, the parameters and the fake quantization (with the mask)
-    in two passes over ``x``. With autograd, ``out = x * mask`` is made first, from a zeroed
-    mask (an empty one could hold subnormal garbage, which makes the multiply several times
-    slower), and the kernel then writes the mask (which that node saved) and the values of
-    ``out`` in place, through numpy views: nothing bumps a version counter, nothing is copied.
-    The arrays the kernels get are flat views (``ravel`` of a contiguous array)."""
-
-    lane = "numba"
-
-    def __init__(self, x: torch.Tensor, *args):
-        super().__init__(*args)
-        from . import host_jit
-
-        self._train_kernel, self._fake_quant_kernel = host_jit.train_kernel, host_jit.fake_quant_kernel
-        self._shape = tuple(x.shape)
-
-    def train(self, x):
-        d_v, z_v, s_v, rmin_v, rmax_v = self._state(*self.tensors())
-        xn = x.numpy(force=True).ravel()
-        if x.requires_grad and torch.is_grad_enabled():
-            mask = np.zeros(self._shape, np.float32)
-            out = torch.mul(x, torch.from_numpy(mask))  # a native node that saves only the mask; both written below
-            self._train_kernel(xn, out.numpy(force=True).ravel(), mask.ravel(), d_v, z_v, s_v, rmin_v, rmax_v,
-                               self.n_bits, self.symmetric, self.estimator, self.momentum)
-            return out
-        y = np.empty(self._shape, np.float32)
-        self._train_kernel(xn, y.ravel(), _NO_MASK, d_v, z_v, s_v, rmin_v, rmax_v, self.n_bits, self.symmetric,
-                           self.estimator, self.momentum)
-        return torch.from_numpy(y)
-
-    def forward(self, x, delta, zero_float, signed, with_mask):
-        y = np.empty(self._shape, np.float32)
-        mask = np.empty(self._shape, np.bool_) if with_mask else None
-        self._fake_quant_kernel(x.numpy(force=True).ravel(), y.ravel(), _NO_MASK if mask is None else mask.ravel(),
-                                *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
-        return torch.from_numpy(y), (None if mask is None else torch.from_numpy(mask))
-
-    def masked(self, x, delta, zero_float, signed):
-        mask = np.zeros(self._shape, np.float32)
-        out = torch.mul(x, torch.from_numpy(mask))  # as in train: the kernel writes the saved mask and out's values
-        self._fake_quant_kernel(x.numpy(force=True).ravel(), out.numpy(force=True).ravel(), mask.ravel(),
-                                *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
-        return out
-
-    def _params(self, delta, zero_float, signed):
-        """Numpy views of the given parameter tensors: the cached ones while they are the module's."""
-        if self._ptrs is not None and self._ptrs[:3] == (delta.data_ptr(), zero_float.data_ptr(), signed.data_ptr()):
-            return self._views[:3]
-        return self._state(delta, zero_float, signed, *self.tensors()[3:])[:3]
-
-
-_NO_MASK = np.empty(0, np.float32)
-
-
-def numba_lane_ready() -> bool:
-    """Whether the ``numba`` lane can run: enabled, numba imports and its kernels compile (once per
-    process; a failure warns once and leaves the numpy ``host`` lane in charge)."""
-    global _NUMBA_OK
-    if not USE_NUMBA:
-        return False
-    if _NUMBA_OK is None:
-        try:
-            from . import host_jit
-
-            x, s = np.zeros(1, np.float32), np.zeros((), np.bool_)
-            f = [np.full((), math.nan, np.float32) for _ in range(4)]
-            host_jit.train_kernel(x, x.copy(), x.copy(), f[0], f[1], s, f[2], f[3], 8, True, 2, 0.9)
-            host_jit.fake_quant_kernel(x, x.copy(), x.copy(), f[0], f[1], s, 8, True)
-            _NUMBA_OK = True
-        except ImportError:
-            _NUMBA_OK = False
-        except Exception as exc:  # a numba that cannot compile here: the numpy lane is as exact
-            warnings.warn(f"tquant: numba cannot compile the host kernels ({type(exc).__name__}: {exc}); "
-                          "small CPU tensors take the numpy host lane", RuntimeWarning, stacklevel=3)
-            _NUMBA_OK = False
-    return _NUMBA_OK
-
-
-_NUMBA_OK: bool | None = None
-
-
-def host_lane_status() -> str:
-    """One line on how small fp32 CPU quantizer calls run here (for ``tquant selfcheck``)."""
-    if numba_lane_ready():
-        import numba
-
-        return f"numba {numba.__version__} (one compiled kernel per call)"
-    if not USE_NUMBA:
-        return "numpy (TQUANT_NUMBA=0)"
-    return "numpy (pip install 'tquant[cpu]' for numba: one compiled kernel per call)"
-
-
 class TritonLaneCall(QuantizerCall):
     """Base of the Triton lanes' calls (integer here; group-wise and FP8 in ``_triton_group`` / ``_triton_fp8``):
     the gradient of ``x`` always comes from the ``autograd.Function`` saving the 1-byte mask, whose backward
@@ -456,4 +354,4 @@ def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, est
         return _ReferenceCall(*args)
     if not host_lane_fits(x, axis):
         return _TorchCall(*args)
-    return _NumbaCall(x, *args) if x.dtype == torch.float32 and numba_lane_ready() else _HostCall(*args)
+    return _HostCall(*args)

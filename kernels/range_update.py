@@ -11,8 +11,9 @@ One call does what aihwkit spreads over a range estimator and ``set_quant_range`
 No host synchronisation on the Triton path and on CUDA. A NaN in the running range means "no
 range yet" (that channel takes the batch range), so callers need not know whether a batch is the
 first; ``first=True`` forces it (every channel takes the batch range). Non-finite values never
-reach the scale: they are left out of the batch range, and a batch without a finite value leaves
-the running range as it was (or gives the safe range ``[0, EPS]`` on a first batch).
+reach the scale: they are left out of the batch range, and a batch without a finite value (empty,
+all NaN/inf) leaves the running range as it was — NaN ("no range yet") when there was none, so a
+quantizer that never saw a finite value stays uninitialised.
 
 ``batch_minmax`` and ``finalize_range`` are the two halves, for callers that must combine
 the batch range across processes (``tquant.convert_sync_ranges``) before the update.
@@ -27,6 +28,8 @@ import torch
 
 from . import backend
 from ._ops import ANY_LAYOUT, define_op
+from .fake_quant import chunked_fits
+from .host_chunks import chunked_minmax
 from .host_math import F32, qparams_f32, qparams_host, update_range_f32, update_range_host, write_state
 from .inline import inline_ok, update_range_inline
 from .reference import (
@@ -238,9 +241,13 @@ def _update_range_op(
 
 def _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, estimator,
                          momentum, first):
-    """CPU, per tensor: one ``aminmax``, the scalar math on float32 scalars, five fills."""
+    """CPU, per tensor: one ``aminmax`` (chunk by chunk on threads for large tensors, as the fake
+    quantization that follows), the scalar math on float32 scalars, five fills."""
     xd = x.detach()
-    if xd.numel():
+    if chunked_fits(xd):
+        lo, hi = chunked_minmax(xd.numpy().reshape(-1))
+        lo, hi = F32(lo + F32(0.0)), F32(hi + F32(0.0))  # a zero extreme is +0.0
+    elif xd.numel():
         lo_t, hi_t = torch.aminmax(_flat(xd))
         lo, hi = F32(lo_t.item() + 0.0), F32(hi_t.item() + 0.0)  # a zero extreme is +0.0
     else:

@@ -155,8 +155,8 @@ def quantize_reference(
 def batch_minmax_reference(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of the finite values of ``x`` (fp32), per tensor or per channel (dim 0).
 
-    Non-finite values (NaN, +-Inf) are ignored; a tensor or channel with no finite value gives
-    ``(+inf, -inf)``, which the range update and ``qparams_from_range`` turn into a safe range.
+    Non-finite values (NaN, +-Inf) are ignored; a tensor or channel with no finite value (empty,
+    all NaN/inf) gives ``(+inf, -inf)``: "nothing seen", which the range update leaves out.
     A zero extreme is +0.0 (``+ 0.0``): which of -0.0 / +0.0 a min/max reduction returns depends on
     its order, so every path makes it the same.
     """
@@ -195,15 +195,26 @@ def update_range_reference(
     """The new running range after a batch whose (finite) range is ``(bmin, bmax)``.
 
     A NaN in the old range means "no range yet" (a quantizer's state before its first batch):
-    that element takes the batch range, as every element does when ``first`` is True. So the
-    first, initialising step and every later one run the same code on tensors of the same shape.
+    that element takes the batch range, as every element does when ``first`` is True (the old
+    range is then ignored, as if it were all NaN). So the first, initialising step and every later
+    one run the same code on tensors of the same shape.
+
+    A batch (or channel) without a finite value (``bmin = +inf``, see
+    :func:`batch_minmax_reference`) tells nothing about the range: that element keeps its old
+    range, whatever the estimator — NaN when it had none, so a quantizer that has only seen empty
+    or all-NaN/inf batches stays uninitialised.
     """
-    if first or estimator == ESTIMATOR_CURRENT:
-        return bmin, bmax
-    if estimator == ESTIMATOR_ALL:
+    seen = torch.isfinite(bmin)
+    if first or old_min is None or old_max is None:
+        old_min = old_max = torch.full_like(bmin, float("nan"))
+    if estimator == ESTIMATOR_CURRENT:
+        new_min, new_max = bmin, bmax
+    elif estimator == ESTIMATOR_ALL:
         new_min, new_max = torch.minimum(old_min, bmin), torch.maximum(old_max, bmax)
     elif estimator == ESTIMATOR_RUNNING:
         new_min, new_max = ema_range(bmin, old_min, momentum), ema_range(bmax, old_max, momentum)
     else:
         raise ValueError(f"update_range: unknown estimator code {estimator}")
-    return torch.where(torch.isnan(old_min), bmin, new_min), torch.where(torch.isnan(old_max), bmax, new_max)
+    new_min = torch.where(torch.isnan(old_min), bmin, new_min)
+    new_max = torch.where(torch.isnan(old_max), bmax, new_max)
+    return torch.where(seen, new_min, old_min), torch.where(seen, new_max, old_max)

@@ -11,6 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from collections import Counter  # noqa: E402
+
 import pytest  # noqa: E402
 
 import tquant.kernels as K  # noqa: E402
@@ -18,8 +20,15 @@ from tquant.kernels._triton import HAS_TRITON  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per skip reason with its count (``-rs`` lists every skipped test)."""
+    reasons = Counter(str(r.longrepr[2]).removeprefix("Skipped: ") for r in terminalreporter.stats.get("skipped", [])
+                      if isinstance(r.longrepr, tuple))
+    if reasons:
+        terminalreporter.write_sep("-", "skipped tests, by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"{count:5d}  {reason}")
 
 
 @pytest.fixture(autouse=True)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tquant
 from tquant.kernels import reference as ref
+from tquant.kernels._triton import HAS_TRITON
+
+NO_TRITON = ("Triton is not installed: the Triton kernel tests run in Triton's CPU interpreter with the [dev] "
+             "extra (pip install -e '.[dev]')")
+NO_CUDA = "needs a CUDA device (the gpu tier: pytest -m gpu on a GPU machine)"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 
 # Float tolerances for gradients (values are compared exactly); one table for every test.
 GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),

@@ -62,3 +62,45 @@ def test_device_slug_is_stable():
     slug = common.device_slug("cpu")
     assert slug.startswith("cpu-") and slug == slug.lower() and " " not in slug
     assert common.summarize([3.0, 1.0, 2.0])["median"] == 2.0
+
+
+def _busy_loops() -> list[int]:
+    """PIDs of running ``python -c "while True: pass"`` processes (the competing load of ``--busy``)."""
+    import os
+
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().endswith(b"-c\0while True: pass\0"):
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def test_bench_quantizer_busy_starts_and_stops_its_competing_load(tmp_path, monkeypatch):
+    from tquant.benchmarks import common
+
+    seen = []
+    real = bench_quantizer.run_benchmark
+
+    def spy(*args, **kwargs):
+        seen.extend(_busy_loops())  # the competing processes run while the timings run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_quantizer, "run_benchmark", spy)
+    before = set(_busy_loops())
+    args = bench_quantizer.build_parser().parse_args(
+        ["--quick", "--out", str(tmp_path), "--sizes", "20", "--modes", "forward", "--reps", "1", "--warmup", "0",
+         "--no-plot", "--no-memory", "--providers", "tquant-torch", "torch-fused-op", "--busy"])
+    assert args.busy == 1 and bench_quantizer.main(args) == 0
+    assert len(set(seen) - before) == 1 and not set(_busy_loops()) - before, "started one, stopped it"
+    run = json.loads((tmp_path / "quantizer-busy.json").read_text())
+    assert run["environment"]["competing_processes"] == 1
+    assert not (tmp_path / "quantizer.csv").exists()
+    markdown = (tmp_path / "quantizer-busy.md").read_text()
+    assert "**Busy machine (1 competing busy process(es), training forward):**" in markdown
+    assert "- 2^20: `tquant-torch`" in markdown
+    busy, note = common.load_verdict(0.1, 3.2, 2, 2, competing=1)  # our own load is not "other work"
+    assert not busy, note

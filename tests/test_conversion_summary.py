@@ -149,3 +149,90 @@ def test_float_encoder_keeps_its_fast_path():
     model = encoder().eval()
     assert tquant.disable_fused_transformer_fast_path(model) == 0
     assert all(layer.activation_relu_or_gelu for layer in model.layers)
+
+
+class TokenTransformer(nn.Module):
+    """A model of the user's with parameters of its own (positional embedding, CLS token) used in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 32))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 32))
+        self.encoder = encoder()
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.embed(x) + self.pos_embed], dim=1)
+        return self.head(self.encoder(h)[:, 0])
+
+
+ATTENTIONS = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+
+
+def test_a_containers_own_parameters_are_named_as_such_and_the_float_layers_inside_it_too():
+    (message,) = conversion_warnings(lambda: tquant.convert_to_quantized(TokenTransformer(), w4a8_map()))
+    assert message == (
+        "convert_to_quantized: converted 10 layers; left float: 2 MultiheadAttention not in the map "
+        "('encoder.layers.0.self_attn', 'encoder.layers.1.self_attn') and 2 parameters of TokenTransformer itself, "
+        "outside any layer ('pos_embed', 'cls_token'); map the layers' types or names, or list any of these names "
+        "in QuantizationMap.excluded_modules to keep them float on purpose"
+    )
+
+
+def test_following_the_advice_makes_strict_pass():
+    qmap = w4a8_map()
+    qmap.excluded_modules += ["pos_embed", "cls_token"]
+    with pytest.raises(tquant.ConversionError, match=r"left float: 2 MultiheadAttention not in the map"):
+        tquant.convert_to_quantized(TokenTransformer(), qmap, strict=True)
+    qmap.excluded_modules += ATTENTIONS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unknown-name warning for the parameter names either
+        qmodel = tquant.convert_to_quantized(TokenTransformer(), qmap, strict=True)
+    assert qmodel(torch.randn(2, 5, 8)).shape == (2, 3)
+
+
+def test_nested_container_parameters_have_their_path():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4))
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * self.gain
+
+    (message,) = conversion_warnings(
+        lambda: tquant.convert_to_quantized(nn.Sequential(Scaled(), nn.Linear(4, 2)), w4a8_map()))
+    assert "left float: 1 parameter of Scaled itself, outside any layer ('0.gain'); list them in" in message
+
+
+def test_changing_the_default_after_append_default_conversions_warns():
+    qmap = QuantizationMap()
+    qmap.default_qconfig.weight_quant.n_bits = 8
+    qmap.default_qconfig.activation_quant.n_bits = 8
+    tquant.append_default_conversions(qmap)
+    qmap.default_qconfig.weight_quant.n_bits = 4  # too late: the entries hold copies (aihwkit's behaviour)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    (message,) = conversion_warnings(lambda: tquant.convert_to_quantized(model, qmap))
+    assert message == (
+        "convert_to_quantized: QuantizationMap.default_qconfig changed after append_default_conversions "
+        "(weight_quant.n_bits 8 -> 4): the Linear, Conv1d, Conv2d, Conv3d, LayerNorm, Embedding entries it made "
+        "keep the copy they took; set default_qconfig before calling append_default_conversions, or set those "
+        "entries' module_qconfig"
+    )
+    with pytest.raises(tquant.ConversionError, match=r"strict=True\): QuantizationMap.default_qconfig changed"):
+        tquant.convert_to_quantized(model, qmap, strict=True)
+    for entry in qmap.module_qconfig_map.values():  # following the advice: the entries say 4 bits
+        entry.module_qconfig.weight_quant.n_bits = 4
+    qmodel = tquant.convert_to_quantized(model, qmap, strict=True)
+    assert qmodel[0].weight_quantizer.n_bits == 4
+
+
+def test_a_target_that_is_not_a_tquant_class_is_named_as_such():
+    qmap = w4a8_map()
+    qmap.module_qconfig_map[nn.ReLU] = QuantizedModuleConfig(nn.ReLU, qmap.default_qconfig)
+    with pytest.raises(tquant.QuantizationConfigError, match=re.escape(
+            "converting layer '1' (ReLU -> ReLU): the quantized_module of a QuantizedModuleConfig must be a tquant "
+            "quantized class (a subclass of tquant.QuantizedModule or tquant.QuantizedModel")):
+        tquant.convert_to_quantized(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), qmap)

@@ -6,6 +6,8 @@ accuracy bars of the default run are checked by running ``tquant demo`` itself (
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -37,15 +39,17 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "results"
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    rc = cli.main(["demo", *TINY, "--bits", "3", "--seed", "7", "--out", str(out)])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["demo", *TINY, "--bits", "3", "--seed", "7", "--out", str(out), "--strict"])
     settings_restored = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (
         threads, deterministic)
-    return rc, out, settings_restored
+    return rc, out, settings_restored, stdout.getvalue(), stderr.getvalue()
 
 
 def test_tiny_run_writes_report_and_files(tiny_run):
-    rc, out, settings_restored = tiny_run
-    assert rc == 0
+    rc, out, settings_restored, _, _ = tiny_run
+    assert rc in (0, 1)
     assert settings_restored
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["seed"] == 7 and summary["config"]["bits"] == 3
@@ -77,9 +81,22 @@ def test_tiny_run_writes_report_and_files(tiny_run):
     assert summary["seconds"] > 0
 
 
+def test_failed_checks_are_printed_and_strict_exits_non_zero(tiny_run):
+    """One float epoch on 160 images stays far below the 95 % float-accuracy bar: that check fails, the
+    terminal says so after the table, and ``--strict`` turns it into exit status 1 with one line on stderr."""
+    rc, out, _, stdout, stderr = tiny_run
+    checks = json.loads((out / "summary.json").read_text())["checks"]
+    failed = [name for name, ok in checks.items() if not ok]
+    assert "float accuracy >= 95%" in failed
+    line = f"checks: {len(failed)} of {len(checks)} FAILED: " + "; ".join(failed)
+    assert line in stdout.replace("\n", " ")
+    assert rc == 1
+    _one_line_error(stderr, f"tquant demo: error: {line} (--strict)")
+
+
 def test_tiny_run_files_are_valid(tiny_run):
     onnx = pytest.importorskip("onnx")
-    _, out, _ = tiny_run
+    _, out, _, _, _ = tiny_run
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "summary.md").read_text()
     assert "| float |" in markdown and "| W8A8 QAT |" in markdown and "| W3A8 QAT |" in markdown

@@ -248,6 +248,21 @@ def test_uninitialised_quantizer_names_the_layer(tmp_path):
     assert path.read_bytes() == b"previous" and not _leftovers(tmp_path)
 
 
+def test_empty_example_batch_is_one_clear_line(tmp_path):
+    qmodel, sample = _tiny()
+    with pytest.raises(ExportError) as err:
+        export_onnx(qmodel, sample(0), tmp_path / "model.onnx")
+    message = str(err.value)
+    assert message == ("export_onnx: example_inputs is empty (shape (0, 16)): the example batch must be non-empty "
+                       "(at least one sample)")
+    with pytest.raises(ExportError, match=r"example_inputs\[1\] is empty \(shape \(0,\)\)"):
+        export_onnx(qmodel, (sample(2), torch.empty(0)), tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
+    export_onnx(qmodel, sample(2), tmp_path / "model.onnx")
+    with pytest.raises(ExportError, match=r"^validate_onnx: example_inputs is empty \(shape \(0, 16\)\)"):
+        validate_onnx(qmodel, sample(0), tmp_path / "model.onnx")
+
+
 def test_training_mode_names_the_layer(tmp_path):
     qmodel, sample = _tiny()
     qmodel[2].train()

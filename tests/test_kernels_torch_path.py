@@ -1,5 +1,7 @@
 """The torch fast path of every quantizer op against the eager reference (bit for bit)."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -98,6 +100,50 @@ def test_blocked_cpu_passes_match_the_reference(monkeypatch, shape, axis, symmet
         assert torch.equal(mask, (codes >= qmin) & (codes <= qmax))
     else:
         assert mask.numel() == 0
+
+
+@pytest.mark.parametrize("numel", [1000, 64, 65, 1], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunked_cpu_passes_match_the_reference(monkeypatch, numel, symmetric, dtype, threads):
+    """Large per-tensor CPU tensors run range and fake quantization chunk by chunk on threads (here chunks
+    of 64 elements, a ragged last one): the reference's range, bits and mask, NaN/inf/zeros of both signs."""
+    import importlib
+
+    fq, hc = importlib.import_module("tquant.kernels.fake_quant"), importlib.import_module("tquant.kernels.host_chunks")
+    monkeypatch.setattr(hc, "CHUNK", 64)
+    monkeypatch.setattr(fq, "CHUNKED_MIN_NUMEL", 1)
+    monkeypatch.setattr(fq, "HOST_MAX_NUMEL", 0)
+    calls = []
+    run_chunks = hc.run_chunks
+    monkeypatch.setattr(hc, "run_chunks", lambda n, fn: calls.append(n) or run_chunks(n, fn))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = (torch.randn(numel) * 3 + 0.5).to(dtype)
+        if numel > 5:
+            x[::37], x[3], x[4], x[5] = float("nan"), float("inf"), -float("inf"), -0.0
+        state = [torch.full((), math.nan) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+        with K.use_backend("torch"):
+            K.update_range(x, *state, 4, symmetric, -1, K.ESTIMATOR_RUNNING, 0.9, False)
+        bmin, bmax = ref.batch_minmax_reference(x)
+        expected = ref.qparams_from_range(bmin, bmax, 4, symmetric)
+        assert [float(t) for t in state[:2]] == [float(bmin), float(bmax)] and not torch.signbit(state[1])
+        assert all(torch.equal(a, b) for a, b in zip(state[2:], expected))
+        y, mask = fq._fake_quant_torch(x, *state[2:], 4, symmetric, -1, True)
+    finally:
+        torch.set_num_threads(previous)
+    assert calls == [numel, numel], "the range and the fake quantization both ran chunk by chunk"
+    want = ref.fake_quant_reference(x, *state[2:], 4, symmetric)
+    nan = torch.isnan(want)
+    assert y.dtype == dtype and torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].float().view(torch.int32), want[~nan].float().view(torch.int32))
+    codes = torch.round(x.float() / torch.clamp(state[2], min=ref.EPS))
+    if not symmetric:
+        codes = codes + torch.clamp(torch.round(state[3]), 0, 15)
+    qmin, qmax = ref.grid_bounds(4, symmetric, state[4])
+    assert torch.equal(mask, (codes >= qmin) & (codes <= qmax))
 
 
 LAYOUTS = {
@@ -200,18 +246,37 @@ def test_non_finite_values_never_reach_the_scale(backend, bad):
     assert torch.isfinite(state[2]) and torch.isfinite(state[3])
 
 
-def test_all_non_finite_first_batch_gives_safe_range():
-    state = [torch.empty(()) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
-    K.update_range(torch.full((5,), float("nan")), *state, 8, True, -1, K.ESTIMATOR_CURRENT, 0.9, True)
-    assert torch.isfinite(state[2]) and state[2] > 0
+NO_FINITE = {"empty": lambda: torch.empty(0, 3), "all-nan": lambda: torch.full((2, 3), math.nan),
+             "all-inf": lambda: torch.tensor([[math.inf, -math.inf, math.nan]])}
 
 
-def test_empty_tensor_update_and_quantize():
-    state = [torch.empty(()) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
-    x = torch.empty(0, 3)
-    K.update_range(x, *state, 8, True, -1, K.ESTIMATOR_CURRENT, 0.9, True)
-    assert torch.isfinite(state[2])
-    assert K.fake_quant(x, state[2], state[3], state[4], 8, True).shape == (0, 3)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("estimator", [K.ESTIMATOR_CURRENT, K.ESTIMATOR_ALL, K.ESTIMATOR_RUNNING],
+                         ids=["current", "all", "running"])
+@pytest.mark.parametrize("make", list(NO_FINITE.values()), ids=list(NO_FINITE))
+def test_a_batch_without_finite_values_sets_no_range(backend, estimator, make):
+    """No finite value seen: the range stays NaN ("no range yet", not the tiny [0, eps] grid that
+    outputs zeros); a real batch then sets it, and a later batch without finite values keeps it."""
+    state = [torch.full((), math.nan) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+    with K.use_backend(backend):
+        for first in (False, True):
+            K.update_range(make(), *state, 8, False, -1, estimator, 0.9, first)
+            assert all(torch.isnan(t) for t in state[:4]), f"first={first}: {state}"
+            assert K.fake_quant(make(), *state[2:], 8, False).shape == make().shape
+        K.update_range(torch.tensor([-1.0, 3.0]), *state, 8, False, -1, estimator, 0.9, False)
+        assert state[0] == -1.0 and state[1] == 3.0 and state[2] == 4.0 / 255
+        K.update_range(make(), *state, 8, False, -1, estimator, 0.9, False)
+    assert state[0] == -1.0 and state[1] == 3.0 and state[2] == 4.0 / 255, "kept, whatever the estimator"
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_channel_without_finite_values_gets_no_range(backend):
+    x = torch.randn(3, 5)
+    x[1] = math.nan
+    state = [torch.full((3,), math.nan) for _ in range(4)] + [torch.zeros((), dtype=torch.bool)]
+    with K.use_backend(backend):
+        K.update_range(x, *state, 8, True, 0, K.ESTIMATOR_RUNNING, 0.9, False)
+    assert torch.isnan(state[0]).tolist() == [False, True, False] == torch.isnan(state[2]).tolist()
 
 
 def test_backend_switch_validates_names():

@@ -14,8 +14,10 @@ import tquant
 import tquant.kernels as K
 from tquant.kernels._triton import HAS_TRITON, INTERPRET
 
+from helpers import NO_TRITON
+
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and (INTERPRET or torch.cuda.is_available())),
-                                reason="needs Triton (interpreter or a GPU)")
+                                reason=NO_TRITON)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # aten ops that allocate, alias or read metadata: no kernel runs on a GPU for them

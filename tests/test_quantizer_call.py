@@ -1,7 +1,7 @@
 """The planned quantizer call (``tquant.kernels.quantizer_call``) against the eager reference.
 
-Every lane — ``numba`` (small contiguous fp32 CPU tensors, per tensor, when numba is installed),
-``host`` (the numpy lane for those and fp16 ones), ``torch`` (everything else on the torch path)
+Every lane — ``host`` (small contiguous fp32/fp16 CPU tensors, per tensor: numpy on the host),
+``torch`` (everything else on the torch path)
 and, where Triton is present, ``triton`` (interpreter on CPU tensors) — must give the reference
 backend's outputs and quantizer state bit for bit, over several steps of each estimator,
 including batches with NaN/inf and the first, initialising step.
@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import tquant
 import tquant.kernels as K
-from tquant.kernels import quantizer_call as QC
 from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON, INTERPRET
 from tquant.kernels.host_math import F32, qparams_f32, update_range_f32
@@ -29,23 +28,8 @@ from helpers import assert_bits_equal
 
 ESTIMATORS = [tquant.RangeEstimators.current_minmax, tquant.RangeEstimators.allminmax,
               tquant.RangeEstimators.running_minmax]
-HAS_NUMBA = QC.numba_lane_ready()
-"""numba imports and compiles the host kernels here (else its tests skip, and the numpy lane runs)."""
 STATE_NAMES = ("delta", "zero_float", "signed", "range_min", "range_max")
-HOST_LANES = (["numba"] if HAS_NUMBA else []) + ["host"]
-LANES = HOST_LANES + ["torch"] + (["triton"] if HAS_TRITON and (INTERPRET or torch.cuda.is_available()) else [])
-
-
-@pytest.fixture
-def lane_switch(monkeypatch):
-    """``lane_switch(lane)``: plans made after it take the numpy ``host`` lane rather than ``numba``
-    when ``lane`` is ``"host"`` (``TQUANT_NUMBA=0``)."""
-    return lambda lane: monkeypatch.setattr(QC, "USE_NUMBA", lane != "host")
-
-
-def expected_lane(lane: str, x: torch.Tensor) -> str:
-    """The numba lane takes fp32 only: its fp16 inputs take the numpy host lane."""
-    return "host" if lane == "numba" and x.dtype != torch.float32 else lane
+LANES = ["host", "torch"] + (["triton"] if HAS_TRITON and (INTERPRET or torch.cuda.is_available()) else [])
 
 
 def manager(symmetric, estimator, per_channel, n_bits=8):
@@ -59,7 +43,6 @@ def batches(lane: str, per_channel: bool):
     shape = (6, 35)
     make = {
         "host": lambda s: torch.randn(shape) * s,
-        "numba": lambda s: torch.randn(shape) * s,
         "torch": lambda s: (torch.randn(shape[1], shape[0]) * s).t(),  # strided: never the host lane
         "triton": lambda s: torch.randn(shape) * s,
     }[lane]
@@ -67,7 +50,7 @@ def batches(lane: str, per_channel: bool):
     bad = make(2.0)
     bad[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
     xs.append(bad)
-    if lane in HOST_LANES and not per_channel:
+    if lane == "host" and not per_channel:
         xs.append(make(1.5).half())
     return [x.cuda() if lane == "triton" and torch.cuda.is_available() else x for x in xs]
 
@@ -78,14 +61,13 @@ def state(qm):
 
 
 LANE_CASES = [pytest.param(lane, pc, id=f"{lane}-{'channel' if pc else 'tensor'}")
-              for lane in LANES for pc in (False, True) if not (lane in HOST_LANES and pc)]  # per tensor only
+              for lane in LANES for pc in (False, True) if not (lane == "host" and pc)]  # per tensor only
 
 
 @pytest.mark.parametrize("lane, per_channel", LANE_CASES)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: e.name)
-def test_lane_matches_reference(lane, per_channel, symmetric, estimator, lane_switch):
-    lane_switch(lane)
+def test_lane_matches_reference(lane, per_channel, symmetric, estimator):
     qm, ref = manager(symmetric, estimator, per_channel), manager(symmetric, estimator, per_channel)
     for step, x in enumerate(batches(lane, per_channel)):
         xr = x.detach().clone().requires_grad_(True)
@@ -93,7 +75,7 @@ def test_lane_matches_reference(lane, per_channel, symmetric, estimator, lane_sw
         with K.use_backend("triton" if lane == "triton" else "torch"):
             y = qm(xq)
         call = next(c for k, c in qm._calls.items() if k[0] == x.shape and k[1] == x.stride() and k[2] == x.dtype)
-        assert call.lane == expected_lane(lane, x), (call.lane, lane)
+        assert call.lane == lane, (call.lane, lane)
         with K.use_backend("reference"):
             y_ref = ref(xr.to(ref.quantizer._delta.device))
         assert_bits_equal(y, y_ref, f"step {step}: y")
@@ -114,15 +96,13 @@ def test_each_input_takes_its_lane():
         qm(torch.randn(8, 8))
     lanes = {(tuple(key[0]), key[2]): call.lane for key, call in qm._calls.items()}
     assert lanes == {((HOST_MAX_NUMEL + 1,), torch.float32): "torch", ((8, 8), torch.bfloat16): "torch",
-                     ((8, 8), torch.float16): "host", ((8, 8), torch.float32): HOST_LANES[0]}
+                     ((8, 8), torch.float16): "host", ((8, 8), torch.float32): "host"}
 
 
-@pytest.mark.parametrize("lane", HOST_LANES)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_host_lanes_match_reference_in_every_state(lane, symmetric, lane_switch):
+def test_host_lane_matches_reference_in_every_state(symmetric):
     """Training forwards with and without autograd, eval, ``fix_ranges`` and ``learn_ranges`` (the
-    gradients of ``delta`` and ``zero_float`` too): the host lanes give the reference's bits."""
-    lane_switch(lane)
+    gradients of ``delta`` and ``zero_float`` too): the host lane gives the reference's bits."""
     est = tquant.RangeEstimators.running_minmax
     qm, ref = manager(symmetric, est, False, n_bits=4), manager(symmetric, est, False, n_bits=4)
     steps = [("train", True), ("train", False), ("eval", False), ("fix", True), ("learn", True), ("eval", True)]
@@ -139,7 +119,7 @@ def test_host_lanes_match_reference_in_every_state(lane, symmetric, lane_switch)
             if grad:
                 y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
             outs.append((y, xi.grad, m.quantizer._delta.grad, m.quantizer._zero_float.grad))
-        assert next(iter(qm._calls.values())).lane == lane
+        assert next(iter(qm._calls.values())).lane == "host"
         assert_bits_equal(outs[0][0], outs[1][0], f"{mode}: y")
         for name, a, b in zip(("x", "delta", "zero_float"), outs[0][1:], outs[1][1:]):
             assert (a is None) == (b is None), f"{mode}: grad of {name}"
@@ -151,66 +131,6 @@ def test_host_lanes_match_reference_in_every_state(lane, symmetric, lane_switch)
             m.quantizer.zero_grad()
 
 
-float32s = st.floats(width=32)
-"""Any float32, NaN and infinities included."""
-
-
-def in_grid(x, delta, zero_float, signed, n_bits, symmetric):
-    """The reference's in-range mask: ``round(x / scale) + zp`` within ``[qmin, qmax]`` (NaN: False)."""
-    scale, zp = R.scale_and_zero_point(delta, zero_float, n_bits, symmetric)
-    qmin, qmax = R.grid_bounds(n_bits, symmetric, signed)
-    v = torch.round(x / scale) + zp
-    return (v >= qmin) & (v <= qmax)
-
-
-@pytest.mark.skipif(not HAS_NUMBA, reason="the numba lane is off here (numba missing, or TQUANT_NUMBA=0)")
-@settings(max_examples=300, deadline=None)
-@given(values=st.lists(float32s, max_size=40), ties=st.lists(st.integers(-300, 300), max_size=8),
-       old=st.one_of(st.just((math.nan, math.nan)), st.tuples(float32s, float32s)),
-       estimator=st.sampled_from([0, 1, 2]), momentum=st.sampled_from([0.9, 0.37, 0.0]),
-       n_bits=st.sampled_from([2, 4, 8, 16]), symmetric=st.booleans())
-def test_numba_kernels_are_the_reference_bit_for_bit(values, ties, old, estimator, momentum, n_bits, symmetric):
-    """``host_jit.train_kernel`` (range, parameters, values, mask) on any float32 input, and
-    ``fake_quant_kernel`` on it plus the half-way cases of the new grid, against the reference."""
-    from tquant.kernels import host_jit
-
-    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-    x, old_min, old_max = f32(values), f32(old[0]), f32(old[1])
-    new_min, new_max = R.update_range_reference(*R.batch_minmax_reference(x), old_min, old_max, estimator, momentum)
-    params = R.qparams_from_range(new_min, new_max, n_bits, symmetric)
-    state = [torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.bool), old_min.clone(), old_max.clone()]
-    y, mask = torch.empty_like(x), torch.empty_like(x)
-    host_jit.train_kernel(x.numpy(), y.numpy(), mask.numpy(), *(t.numpy() for t in state), n_bits, symmetric,
-                          estimator, momentum)
-    for name, got, want in zip(STATE_NAMES, state, (*params, new_min, new_max)):
-        assert_bits_equal(got, want, name)
-    xt = torch.cat([x, (f32(ties) + 0.5) * torch.clamp(params[0], min=R.EPS)])
-    yt, mask_t = torch.empty_like(xt), torch.empty(xt.shape, dtype=torch.bool)
-    host_jit.fake_quant_kernel(xt.numpy(), yt.numpy(), mask_t.numpy(), *(t.numpy() for t in state[:3]), n_bits,
-                               symmetric)
-    for what, inp, got, got_mask in (("train", x, y, mask), ("fake quant", xt, yt, mask_t)):
-        assert_bits_equal(got, R.fake_quant_reference(inp, *params, n_bits, symmetric), f"{what}: y")
-        assert torch.equal(got_mask.bool(), in_grid(inp, *params, n_bits, symmetric)), f"{what}: mask"
-
-
-def test_numba_that_cannot_compile_leaves_the_numpy_lane(monkeypatch):
-    """A numba whose kernels fail to compile warns once; small CPU tensors then take the host lane."""
-    pytest.importorskip("numba")
-    from tquant.kernels import host_jit
-
-    def broken(*args):
-        raise RuntimeError("no LLVM target")
-
-    monkeypatch.setattr(QC, "USE_NUMBA", True)
-    monkeypatch.setattr(QC, "_NUMBA_OK", None)
-    monkeypatch.setattr(host_jit, "train_kernel", broken)
-    with pytest.warns(RuntimeWarning, match="numba cannot compile the host kernels.*no LLVM target"):
-        qm = manager(True, tquant.RangeEstimators.running_minmax, False)
-        qm(torch.randn(4, 4))
-    qm(torch.randn(3, 3))  # no second warning
-    assert {call.lane for call in qm._calls.values()} == {"host"}
-
-
 ZERO_BATCHES = {
     "neg-zero-among-zeros": [1.0] * 37 + [-0.0] + [0.0] * 4,  # torch's amin returns -0.0 here
     "zero-among-neg-zeros": [-0.0] * 20 + [0.0] + [-0.0] * 21,
@@ -220,10 +140,9 @@ ZERO_BATCHES = {
 
 @pytest.mark.parametrize("lane", LANES)
 @pytest.mark.parametrize("values", list(ZERO_BATCHES.values()), ids=list(ZERO_BATCHES))
-def test_a_zero_batch_extreme_is_positive_zero_on_every_lane(lane, values, lane_switch):
+def test_a_zero_batch_extreme_is_positive_zero_on_every_lane(lane, values):
     """Which of -0.0 / +0.0 a min/max reduction returns depends on its order; the reference makes a
     zero extreme +0.0, and every lane gives its state bits (``zero_float``'s sign follows)."""
-    lane_switch(lane)
     v = torch.tensor(values)
     x = v.reshape(7, 6).t() if lane == "torch" else v.reshape(6, 7)  # strided: the torch lane
     x = x.cuda() if lane == "triton" and torch.cuda.is_available() else x
@@ -258,3 +177,35 @@ def test_scalar_host_math_is_the_reference(lo, hi, old_lo, old_hi, estimator, mo
     for name, a, b in (("min", f_lo, new_min), ("max", f_hi, new_max), ("delta", fd, d), ("zero_float", fz, z)):
         assert_bits_equal(torch.tensor(np.float32(a)), b, name)
     assert fs == bool(s)
+
+
+@pytest.mark.parametrize("lane, per_channel", LANE_CASES)
+def test_no_finite_value_seen_leaves_every_lane_uninitialised(lane, per_channel):
+    """Empty and all-NaN/inf training batches set no range on any lane (the reference's NaN state, bit
+    for bit): eval and ``fix_ranges`` then raise naming the layer, as for a quantizer that saw nothing;
+    the first batch with a finite value initialises it."""
+    est = tquant.RangeEstimators.running_minmax
+    qm, ref = manager(False, est, per_channel), manager(False, est, per_channel)
+    qm.layer_name = "fc1.activation_quantizer"
+    good = batches(lane, per_channel)[0]
+    inf = good.clone().fill_(math.inf)
+    inf[..., ::3] = -math.inf
+    empty = good[:, :0] if per_channel else good[:0]
+    for x in (empty, torch.full_like(good, math.nan), inf, good):
+        with K.use_backend("triton" if lane == "triton" else "torch"):
+            y = qm(x)
+        with K.use_backend("reference"):
+            y_ref = ref(x.cpu())
+        assert_bits_equal(y, y_ref, "y")
+        for name, a, b in zip(STATE_NAMES, state(qm), state(ref)):
+            assert_bits_equal(a.detach(), b.detach(), name)
+        if x is good:
+            break
+        assert not qm.is_initialized and torch.isnan(qm.quantizer._delta).all()
+        with pytest.raises(tquant.QuantizerNotInitializedError, match=r"fc1\.activation_quantizer"):
+            qm.eval()(good)
+        with pytest.raises(tquant.QuantizerNotInitializedError, match=r"fc1\.activation_quantizer"):
+            qm.fix_ranges()
+        qm.train()
+    assert qm.is_initialized and torch.isfinite(qm.quantizer._delta).all()
+    qm.eval()(good)

@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tquant.kernels as K
-from tquant.kernels._triton import HAS_TRITON
 from tquant.kernels.range_search import (
     SearchSpace,
     best_range,
@@ -26,6 +25,8 @@ from tquant.kernels.range_search import (
     percentile_range,
 )
 from tquant.kernels.reference import fake_quant_reference, qparams_from_range
+
+from helpers import gpu, needs_triton
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -535,8 +536,6 @@ def test_no_candidate_is_nan_for_constant_data():
 # the Triton path (interpreter on tiny tensors; compiled on a GPU) against the torch path
 # ------------------------------------------------------------------------------------------
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _triton_device():

@@ -24,17 +24,17 @@ from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 from tquant.kernels.range_update import _finalize_torch
 
-from helpers import assert_bits_equal
+from helpers import NO_CUDA, assert_bits_equal, needs_triton
 
 pytestmark = [
-    pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"),
+    needs_triton,
     # the interpreter's numpy warns on inf - inf inside the rounding helper (the result is discarded)
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 
 if HAS_TRITON:
     from tquant.kernels import _triton_math as TM
@@ -304,7 +304,9 @@ def check_update(x, state, n_bits, symmetric, axis, estimator, momentum, first):
     K.update_range(x, *actual, n_bits, symmetric, axis, estimator, momentum, first)
     for name, a, e in zip(("range_min", "range_max", "delta", "zero_float", "signed"), actual, expected):
         assert_bits_equal(a, e, name)
-    assert torch.isfinite(actual[2]).all(), "delta must never be NaN/inf"
+    no_range = torch.isnan(actual[0])
+    assert torch.equal(torch.isnan(actual[2]), no_range), "delta is NaN exactly where there is no range yet"
+    assert torch.isfinite(actual[2][~no_range]).all(), "a range never gives a NaN/inf delta"
     return [a.cpu() for a in actual]
 
 
@@ -359,18 +361,27 @@ def test_finalize_range_is_one_launch_of_the_reference(axis, symmetric, estimato
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
 def test_update_range_nonfinite(axis, symmetric, estimator):
-    """NaN/inf never reach the range; an all-non-finite batch (or channel) keeps a safe range."""
+    """NaN/inf never reach the range; a batch (or channel) without a finite value keeps the old range:
+    none (NaN) on a fresh quantizer, whatever the estimator."""
     x = torch.randn(4, 33)
     x[0, 3], x[1, 5], x[2, 7] = float("nan"), float("inf"), float("-inf")
     x[3] = float("nan")  # channel 3 has no finite value
     x[3, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), float("inf")])
     bad = torch.full((4, 33), float("nan"))
     bad[:, ::2] = float("inf")
-    state = new_state(axis, 4)
-    # first batch entirely non-finite, then a mixed one, then entirely non-finite again
-    state = check_update(bad.to(DEV), state, 8, symmetric, axis, estimator, 0.9, True)
-    state = check_update(x.to(DEV), state, 8, symmetric, axis, estimator, 0.9, False)
+    state = [t.fill_(float("nan")) for t in new_state(axis, 4)[:4]] + [torch.tensor(False)]
+    # entirely non-finite first batches (a fresh state, and `first`), then a mixed one, then non-finite again
     state = check_update(bad.to(DEV), state, 8, symmetric, axis, estimator, 0.9, False)
+    assert torch.isnan(state[0]).all() and torch.isnan(state[2]).all(), "no finite value seen: no range"
+    state = check_update(bad.to(DEV), new_state(axis, 4), 8, symmetric, axis, estimator, 0.9, True)
+    assert torch.isnan(state[0]).all() and torch.isnan(state[2]).all()
+    if axis < 0:
+        state = check_update(x[:0].to(DEV), state, 8, symmetric, axis, estimator, 0.9, False)  # empty
+    state = check_update(x.to(DEV), state, 8, symmetric, axis, estimator, 0.9, False)
+    assert torch.isnan(state[0]).tolist() == ([False, False, False, True] if axis == 0 else False)
+    kept = check_update(bad.to(DEV), state, 8, symmetric, axis, estimator, 0.9, False)
+    for a, b in zip(kept, state):
+        assert_bits_equal(a, b, "a batch without finite values changes nothing")
     bmin, bmax = K.batch_minmax(x.to(DEV), axis)
     assert_bits_equal(bmin, R.batch_minmax_reference(x, axis)[0], "bmin")
     assert_bits_equal(bmax, R.batch_minmax_reference(x, axis)[1], "bmax")

@@ -2,154 +2,56 @@
 
 aihwkit's ``QuantizationMap`` / ``convert_to_quantized`` API and numerics, with every quantizer
 running as fused kernels (Triton on the GPU), and one-call ONNX QDQ export (``tquant.export``).
+
+The public names below load on first use (``tquant._lazy``), and every submodule is an attribute
+without an explicit import (``tquant.attention``, ``tquant.export``): ``import tquant`` alone does
+not import torch, so the ``tquant`` command answers ``--help`` in a fraction of a second. When torch is
+already imported, ``import tquant`` loads everything at once, as a plain package would (the
+``torch.ops.tquant`` ops are then registered right away).
 """
 
-from . import kernels
-from .base_modules import FP32Acts, QuantizationHijacker, QuantizedActivation, QuantizedModule
-from .config import (
-    ActivationQuantConfig,
-    BaseQuantConfig,
-    CrossEntropyEstimatorParams,
-    CurrentMinMaxEstimatorParams,
-    MSEEstimatorParams,
-    OptMethod,
-    QMethods,
-    QuantizationConfig,
-    QuantizationMap,
-    QuantizedModuleConfig,
-    RangeEstimators,
-    RunningMinMaxEstimatorParams,
-    WeightQuantConfig,
-    convert_act_config_to_kwargs_dict,
-    convert_configs_to_kwargs_dict,
-    convert_weight_config_to_kwargs_dict,
-)
-from .conversion import (
-    DEFAULT_CONVERSIONS,
-    ConversionError,
-    ConversionSummary,
-    ConversionWarning,
-    append_default_conversions,
-    convert_to_quantized,
-    disable_fused_transformer_fast_path,
-    get_module_args,
-    quantize_model,
-)
-from .distributed import convert_sync_ranges
-from .errors import QuantizationConfigError, QuantizerNotInitializedError
-from .graph import TracingFallbackWarning
-from .layers import (
-    QuantBatchNorm2d,
-    QuantConv1d,
-    QuantConv2d,
-    QuantConv3d,
-    QuantEmbedding,
-    QuantizedInputModule,
-    QuantLayerNorm,
-    QuantLinear,
-)
-from .quantization_manager import Qstates, QuantizationManager
-from .quantizers import AsymmetricUniformQuantizer, QuantizerBase, SymmetricUniformQuantizer
-from .range_estimators import (
-    AllMinMaxEstimator,
-    CrossEntropyEstimator,
-    CurrentMinMaxEstimator,
-    MSE_Estimator,
-    RangeEstimatorBase,
-    RunningMinMaxEstimator,
-)
-from .states import (
-    QuantizedModel,
-    enable_quant_states,
-    estimate_act_ranges,
-    estimate_ranges,
-    estimate_ranges_train,
-    fix_act_ranges,
-    fix_ranges,
-    fix_weight_ranges,
-    full_precision,
-    full_precision_acts,
-    full_precision_weights,
-    learn_ranges,
-    quantized,
-    quantized_acts,
-    quantized_weights,
-    reset_act_ranges,
-    set_quant_state,
-)
+import sys
+
+from ._lazy import lazy_attributes, load_all
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TracingFallbackWarning",
-    "__version__",
-    "kernels",
-    "ActivationQuantConfig",
-    "AllMinMaxEstimator",
-    "AsymmetricUniformQuantizer",
-    "BaseQuantConfig",
-    "CrossEntropyEstimator",
-    "CrossEntropyEstimatorParams",
-    "CurrentMinMaxEstimator",
-    "CurrentMinMaxEstimatorParams",
-    "DEFAULT_CONVERSIONS",
-    "ConversionError",
-    "ConversionSummary",
-    "ConversionWarning",
-    "FP32Acts",
-    "MSEEstimatorParams",
-    "MSE_Estimator",
-    "OptMethod",
-    "QMethods",
-    "Qstates",
-    "QuantBatchNorm2d",
-    "QuantConv1d",
-    "QuantConv2d",
-    "QuantConv3d",
-    "QuantEmbedding",
-    "QuantLayerNorm",
-    "QuantLinear",
-    "QuantizationConfig",
-    "QuantizationConfigError",
-    "QuantizationHijacker",
-    "QuantizationManager",
-    "QuantizationMap",
-    "QuantizedActivation",
-    "QuantizedInputModule",
-    "QuantizedModel",
-    "QuantizedModule",
-    "QuantizedModuleConfig",
-    "QuantizerBase",
-    "QuantizerNotInitializedError",
-    "RangeEstimatorBase",
-    "RangeEstimators",
-    "RunningMinMaxEstimator",
-    "RunningMinMaxEstimatorParams",
-    "SymmetricUniformQuantizer",
-    "WeightQuantConfig",
-    "append_default_conversions",
-    "convert_act_config_to_kwargs_dict",
-    "convert_configs_to_kwargs_dict",
-    "convert_sync_ranges",
-    "convert_to_quantized",
-    "disable_fused_transformer_fast_path",
-    "convert_weight_config_to_kwargs_dict",
-    "enable_quant_states",
-    "estimate_act_ranges",
-    "estimate_ranges",
-    "estimate_ranges_train",
-    "fix_act_ranges",
-    "fix_ranges",
-    "fix_weight_ranges",
-    "full_precision",
-    "full_precision_acts",
-    "full_precision_weights",
-    "get_module_args",
-    "learn_ranges",
-    "quantize_model",
-    "quantized",
-    "quantized_acts",
-    "quantized_weights",
-    "reset_act_ranges",
-    "set_quant_state",
-]
+_EXPORTS_BY_MODULE = {
+    "base_modules": ("FP32Acts", "QuantizationHijacker", "QuantizedActivation", "QuantizedModule"),
+    "config": (
+        "ActivationQuantConfig", "BaseQuantConfig", "CrossEntropyEstimatorParams", "CurrentMinMaxEstimatorParams",
+        "MSEEstimatorParams", "OptMethod", "QMethods", "QuantizationConfig", "QuantizationMap",
+        "QuantizedModuleConfig", "RangeEstimators", "RunningMinMaxEstimatorParams", "WeightQuantConfig",
+        "convert_act_config_to_kwargs_dict", "convert_configs_to_kwargs_dict", "convert_weight_config_to_kwargs_dict",
+    ),
+    "conversion": (
+        "DEFAULT_CONVERSIONS", "ConversionError", "ConversionSummary", "ConversionWarning",
+        "append_default_conversions", "convert_to_quantized", "disable_fused_transformer_fast_path",
+        "get_module_args", "quantize_model",
+    ),
+    "distributed": ("convert_sync_ranges",),
+    "errors": ("QuantizationConfigError", "QuantizerNotInitializedError"),
+    "graph": ("TracingFallbackWarning",),
+    "layers": (
+        "QuantBatchNorm2d", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantizedInputModule",
+        "QuantLayerNorm", "QuantLinear",
+    ),
+    "quantization_manager": ("Qstates", "QuantizationManager"),
+    "quantizers": ("AsymmetricUniformQuantizer", "QuantizerBase", "SymmetricUniformQuantizer"),
+    "range_estimators": (
+        "AllMinMaxEstimator", "CrossEntropyEstimator", "CurrentMinMaxEstimator", "MSE_Estimator",
+        "RangeEstimatorBase", "RunningMinMaxEstimator",
+    ),
+    "states": (
+        "QuantizedModel", "enable_quant_states", "estimate_act_ranges", "estimate_ranges", "estimate_ranges_train",
+        "fix_act_ranges", "fix_ranges", "fix_weight_ranges", "full_precision", "full_precision_acts",
+        "full_precision_weights", "learn_ranges", "quantized", "quantized_acts", "quantized_weights",
+        "reset_act_ranges", "set_quant_state",
+    ),
+}
+__getattr__, __dir__, _names = lazy_attributes(__name__, _EXPORTS_BY_MODULE)
+
+__all__ = ["__version__", "kernels", *_names]
+
+if "torch" in sys.modules:
+    load_all(__name__, __all__)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import QMethods, RangeEstimators
+from .kernels.reference import EPS
 from .quantization_manager import QuantizationManager
 
 
@@ -268,19 +269,18 @@ class QuantizationHijacker(QuantizedModule):
 
         ``s_x``: :meth:`bias_input_quantizer`'s (per-tensor) scale, ``s_w``: the weight quantizer's
         (per tensor or per output channel). Straight-through gradient. The bias is returned as is
-        when no input quantizer is linked or a range is not set yet. onnxruntime's integer
-        Conv/Gemm kernels add exactly this bias to their int32 accumulators.
+        when no input quantizer is linked, and where a range is not set yet (a NaN scale: decided on
+        the device, so a training step never waits for it). onnxruntime's integer Conv/Gemm kernels add
+        exactly this bias to their int32 accumulators.
         """
         source = self.bias_input_quantizer()
-        wq = self.weight_quantizer.quantizer
-        if source is None or not source.quantizer.is_initialized or not wq.is_initialized:
+        if source is None or source.quantizer._delta.numel() != 1:
             return bias
-        s_x = source.quantizer.scale.detach().float()
-        if s_x.numel() != 1:
-            return bias
-        scale = s_x.reshape(()) * wq.scale.detach().float()
+        s_x = torch.clamp(source.quantizer._delta.detach(), min=EPS)
+        scale = s_x.reshape(()) * torch.clamp(self.weight_quantizer.quantizer._delta.detach(), min=EPS)
         codes = torch.clamp(torch.round(bias.float() / scale), -(2.0**31), 2.0**31 - 1)
-        return bias + ((codes * scale).to(bias.dtype) - bias).detach()
+        quantized = bias + ((codes * scale).to(bias.dtype) - bias).detach()
+        return torch.where(torch.isnan(scale), bias, quantized)
 
     def _weight_cache_key(self, weight: torch.Tensor) -> tuple:
         q = self.weight_quantizer.quantizer

@@ -1,7 +1,9 @@
 """The ``tquant`` command: ``demo``, ``inspect``, ``bench``, ``selfcheck``.
 
-Each subcommand lives in its own module and is imported only when it runs, so
-``tquant --version`` works on an install without the optional extras.
+Each subcommand's options and entry point live in a light module (``add_parser`` and ``run``) that
+imports torch, onnx and the rest only when the command runs: ``tquant --version`` and every
+``--help`` answer without them (``tquant bench BENCH --help`` imports that benchmark), also on an
+install without the optional extras.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import importlib
 import sys
 
 from . import __version__
-from .extras import install_hint
+from .extras import missing_dependency_line
 
-# subcommand -> module exposing add_parser(subparsers) and run(args) -> int
+# subcommand -> light module exposing add_parser(subparsers) and run(args) -> int
 SUBCOMMANDS = {
-    "demo": "tquant.demo",
+    "demo": "tquant.demo.cli",
     "inspect": "tquant.export.inspect_cmd",
     "bench": "tquant.benchmarks.cli",
     "selfcheck": "tquant.selfcheck",
@@ -46,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             modules[name] = importlib.import_module(SUBCOMMANDS[name])
         except ImportError as err:
             if name == wanted:
-                missing = getattr(err, "name", None) or str(err)
-                hint = install_hint(missing) or "see the optional dependencies in tquant's README"
-                print(f"tquant {name}: missing dependency {missing}: {hint}", file=sys.stderr)
+                print(missing_dependency_line(name, err), file=sys.stderr)
                 return 2
     parser = build_parser(modules)
     args = parser.parse_args(argv)

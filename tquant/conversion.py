@@ -36,7 +36,7 @@ from .layers import (
 from .quantization_manager import QuantizationManager
 from .quantizers import QuantizerBase
 from .range_estimators import RangeEstimatorBase
-from .states import enable_quant_states
+from .states import QuantizedModel, enable_quant_states
 
 DEFAULT_CONVERSIONS = {
     nn.Linear: QuantLinear,
@@ -54,12 +54,54 @@ LEAF_MODULES = (RangeEstimatorBase, QuantizerBase, QuantizationManager)
 
 def append_default_conversions(quantization_map: QuantizationMap) -> None:
     """Map every :data:`DEFAULT_CONVERSIONS` type not already in ``module_qconfig_map`` to its
-    quantized class, with a deep copy of ``quantization_map.default_qconfig``."""
+    quantized class, with a deep copy of ``quantization_map.default_qconfig``.
+
+    The entries keep that copy (aihwkit's behaviour): a later change of ``default_qconfig`` does not
+    reach them, and the converter warns when it finds such a change (see :func:`convert_to_quantized`).
+    """
+    copies = quantization_map.__dict__.setdefault(_DEFAULT_COPIES, {})
     for module_type, quant_type in DEFAULT_CONVERSIONS.items():
         if module_type not in quantization_map.module_qconfig_map:
-            quantization_map.module_qconfig_map[module_type] = QuantizedModuleConfig(
+            entry = QuantizedModuleConfig(
                 quantized_module=quant_type, module_qconfig=copy.deepcopy(quantization_map.default_qconfig)
             )
+            quantization_map.module_qconfig_map[module_type] = entry
+            copies[module_type] = (entry, copy.deepcopy(quantization_map.default_qconfig))
+
+
+_DEFAULT_COPIES = "_tquant_default_copies"
+"""Attribute of a QuantizationMap: module type -> (the entry append_default_conversions made, the
+default it copied), so the converter can tell when the default changed after the copy."""
+
+
+def _config_changes(old: QuantizationConfig, new: QuantizationConfig) -> list[str]:
+    """``["weight_quant.n_bits 8 -> 4", ...]``: the fields that differ between two configs."""
+    changes = []
+    for part in ("weight_quant", "activation_quant"):
+        before, after = getattr(old, part)._fields(), getattr(new, part)._fields()
+        for key, value in before.items():
+            if after.get(key) != value:
+                show = [getattr(v, "name", v) for v in (value, after.get(key))]
+                changes.append(f"{part}.{key} {show[0]} -> {show[1]}")
+    return changes
+
+
+def _stale_default_message(quantization_map: QuantizationMap) -> str | None:
+    """The warning for default conversions that kept a copy of an older ``default_qconfig``, or None."""
+    copies = quantization_map.__dict__.get(_DEFAULT_COPIES, {})
+    current = quantization_map.default_qconfig
+    stale = [(t, snapshot) for t, (entry, snapshot) in copies.items()
+             if quantization_map.module_qconfig_map.get(t) is entry and entry.module_qconfig == snapshot
+             and snapshot != current]
+    if not stale:
+        return None
+    types = ", ".join(t.__name__ for t, _ in stale)
+    changes = ", ".join(_config_changes(stale[0][1], current))
+    return (
+        f"QuantizationMap.default_qconfig changed after append_default_conversions ({changes}): the {types} "
+        "entries it made keep the copy they took; set default_qconfig before calling "
+        "append_default_conversions, or set those entries' module_qconfig"
+    )
 
 
 def get_module_args(module: nn.Module, activation: nn.Module | None = None) -> dict[str, Any]:
@@ -103,6 +145,12 @@ def _build(model: nn.Module, qmodule_config: QuantizedModuleConfig, quantization
     q_config: QuantizationConfig = qmodule_config.module_qconfig
     q_class = qmodule_config.quantized_module
     label = f"'{name or '<root>'}' ({type(model).__name__} -> {q_class.__name__})"
+    if not issubclass(q_class, (QuantizedModule, QuantizedModel)):
+        raise QuantizationConfigError(
+            f"converting layer {label}: the quantized_module of a QuantizedModuleConfig must be a tquant "
+            f"quantized class (a subclass of tquant.QuantizedModule or tquant.QuantizedModel, e.g. "
+            f"tquant.QuantLinear or tquant.QuantizedActivation), got {q_class.__module__}.{q_class.__qualname__}"
+        )
     try:
         if type(model) in DEFAULT_CONVERSIONS:
             quant_model = q_class(**get_module_args(model), **convert_configs_to_kwargs_dict(q_config))
@@ -131,9 +179,12 @@ class ConversionSummary:
 
     ``converted``: layers replaced by their quantized class; ``input_quantizers``: layers wrapped
     in :class:`~tquant.QuantizedInputModule`; ``kept``: matched by the map with both bit widths
-    <= 0, kept as is; ``excluded``: in ``excluded_modules``; ``left_float``: modules with
-    parameters of their own that no rule reached (the outermost such module: an
-    ``nn.MultiheadAttention`` counts once, with its ``out_proj``). Each maps a path to a type name.
+    <= 0, kept as is; ``excluded``: in ``excluded_modules`` (modules, or parameters listed by name);
+    ``left_float``: layers with parameters of their own that no rule reached — a module without
+    children, or a torch.nn layer with them (an ``nn.MultiheadAttention`` counts once, with its
+    ``out_proj``); ``own_parameters``: parameters that a container (a module of the user's with
+    children) holds itself and uses in its own forward, e.g. a positional embedding or a CLS token,
+    mapped to the container's type name. The others map a path to a type name.
     """
 
     model_type: str
@@ -142,6 +193,7 @@ class ConversionSummary:
     kept: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     left_float: dict[str, str] = field(default_factory=dict)
+    own_parameters: dict[str, str] = field(default_factory=dict)
     map_is_empty: bool = False
 
     @property
@@ -152,19 +204,35 @@ class ConversionSummary:
         """The one-line message to warn (or raise) with, or None when the conversion looks complete."""
         if self.nothing_converted:
             return f"converted 0 layers of {self.model_type}: {self._why_nothing()}"
-        if self.left_float:
-            return (
-                f"{self._counts()}; left float: {_by_type(self.left_float)} not in the "
-                f"map ({_names(self.left_float)}){self._kept_clause()}; map their types or names, or list "
-                "them in QuantizationMap.excluded_modules to keep them float on purpose"
-            )
-        return None
+        if not (self.left_float or self.own_parameters):
+            return None
+        if not self.own_parameters:
+            advice = "map their types or names, or list them"
+        elif not self.left_float:
+            advice = "list them"
+        else:
+            advice = "map the layers' types or names, or list any of these names"
+        return (
+            f"{self._counts()}; left float: {self._left_float_clause(names=True)}{self._kept_clause()}; {advice} "
+            "in QuantizationMap.excluded_modules to keep them float on purpose"
+        )
 
     def __str__(self) -> str:
         text = self._counts()
-        if self.left_float:
-            text += f"; left float: {_by_type(self.left_float)} not in the map"
+        if self.left_float or self.own_parameters:
+            text += f"; left float: {self._left_float_clause(names=False)}"
         return text + self._kept_clause()
+
+    def _left_float_clause(self, names: bool) -> str:
+        parts = []
+        if self.left_float:
+            parts.append(f"{_by_type(self.left_float)} not in the map"
+                         + (f" ({_names(self.left_float)})" if names else ""))
+        if self.own_parameters:
+            owners = ", ".join(sorted(set(self.own_parameters.values())))
+            parts.append(f"{_plural(len(self.own_parameters), 'parameter')} of {owners} itself, outside any layer"
+                         + (f" ({_names(self.own_parameters)})" if names else ""))
+        return " and ".join(parts)
 
     def _counts(self) -> str:
         text = f"converted {_plural(len(self.converted), 'layer')}"
@@ -214,22 +282,33 @@ def _names(modules: dict[str, str]) -> str:
     return ", ".join(names[:MAX_NAMES]) + (f" and {more} more" if more > 0 else "")
 
 
-def _has_own_weights(module: nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
+def _is_layer(module: nn.Module) -> bool:
+    """A module whose own parameters make it one float layer: no children, or a torch.nn class (whose
+    children, like ``MultiheadAttention.out_proj``, are part of it)."""
+    return next(module.children(), None) is None or type(module).__module__.startswith("torch.")
 
 
-def _float_leftovers(module: nn.Module, name: str, done: set[int], summary: ConversionSummary) -> None:
-    """Record the outermost modules with parameters of their own that the conversion did not reach."""
+def _float_leftovers(module: nn.Module, name: str, done: set[int], summary: ConversionSummary,
+                     excluded: frozenset = frozenset()) -> None:
+    """Record the float layers the conversion did not reach (the outermost ones) and the parameters
+    that containers hold themselves (``excluded``: the names kept float on request)."""
     if id(module) in done or isinstance(module, LEAF_MODULES):
         return
     if isinstance(module, QuantizedInputModule):
-        _float_leftovers(module.module, name, done, summary)
+        _float_leftovers(module.module, name, done, summary, excluded)
         return
-    if _has_own_weights(module):
+    own = [p for p, _ in module.named_parameters(recurse=False)]
+    if own and _is_layer(module):
         summary.left_float[name] = type(module).__name__
         return
+    for param in own:
+        path = f"{name}.{param}" if name else param
+        if path in excluded:
+            summary.excluded[path] = "Parameter"
+        else:
+            summary.own_parameters[path] = type(module).__name__
     for child_name, child in module.named_children():
-        _float_leftovers(child, f"{name}.{child_name}" if name else child_name, done, summary)
+        _float_leftovers(child, f"{name}.{child_name}" if name else child_name, done, summary, excluded)
 
 
 def _quantize(model: nn.Module, quantization_map: QuantizationMap, model_name: str,
@@ -276,14 +355,14 @@ def _new_summary(model: nn.Module, quantization_map: QuantizationMap) -> Convers
     return ConversionSummary(type(model).__name__, map_is_empty=empty)
 
 
-def _report(summary: ConversionSummary, caller: str, strict: bool) -> None:
-    """Warn with the summary's problem, or raise it when ``strict``."""
-    problem = summary.problem()
-    if problem is None:
-        return
-    if strict:
-        raise ConversionError(f"{caller}(strict=True): {problem}")
-    warnings.warn(f"{caller}: {problem}", ConversionWarning, stacklevel=3)
+def _report(summary: ConversionSummary, caller: str, strict: bool, *more: str | None) -> None:
+    """Warn with the summary's problem and each further message, or raise the first when ``strict``."""
+    for problem in (summary.problem(), *more):
+        if problem is None:
+            continue
+        if strict:
+            raise ConversionError(f"{caller}(strict=True): {problem}")
+        warnings.warn(f"{caller}: {problem}", ConversionWarning, stacklevel=3)
 
 
 def quantize_model(model: nn.Module, quantization_map: QuantizationMap, model_name: str = "",
@@ -301,8 +380,9 @@ def quantize_model(model: nn.Module, quantization_map: QuantizationMap, model_na
     summary = _new_summary(model, quantization_map)
     done: set[int] = set()
     result = _quantize(model, quantization_map, model_name, summary, done)
-    _float_leftovers(model if result is None else result, model_name, done, summary)
-    _report(summary, "quantize_model", strict)
+    _float_leftovers(model if result is None else result, model_name, done, summary,
+                     frozenset(quantization_map.excluded_modules))
+    _report(summary, "quantize_model", strict, _stale_default_message(quantization_map))
     if result is not None:
         disable_fused_transformer_fast_path(result)
     return result
@@ -310,9 +390,10 @@ def quantize_model(model: nn.Module, quantization_map: QuantizationMap, model_na
 
 def _warn_unknown_names(model: nn.Module, quantization_map: QuantizationMap) -> None:
     names = {name for name, _ in model.named_modules()}
+    parameters = {name for name, _ in model.named_parameters()}  # excluded_modules may name a container's own
     for field_name in ("instance_qconfig_map", "input_activation_qconfig_map", "excluded_modules"):
         for key in getattr(quantization_map, field_name):
-            if key not in names:
+            if key not in names and not (field_name == "excluded_modules" and key in parameters):
                 warnings.warn(
                     f"QuantizationMap.{field_name}: no module named {key!r} in {type(model).__name__} "
                     "(names are state-dict paths such as 'features.0')",
@@ -397,8 +478,8 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, ex
     if isinstance(quant_model, nn.Module) and "" in quantization_map.input_activation_qconfig_map:
         quant_model = QuantizedInputModule(quant_model, quantization_map.input_activation_qconfig_map[""])
         summary.input_quantizers[""] = type(model).__name__
-    _float_leftovers(quant_model, "", done, summary)
-    _report(summary, "convert_to_quantized", strict)
+    _float_leftovers(quant_model, "", done, summary, frozenset(quantization_map.excluded_modules))
+    _report(summary, "convert_to_quantized", strict, _stale_default_message(quantization_map))
     disable_fused_transformer_fast_path(quant_model)
     enable_quant_states(quant_model)
     if quantization_map.quantize_bias:

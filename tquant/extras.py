@@ -1,9 +1,8 @@
 """Which ``pip install 'tquant[...]'`` extra provides an optional dependency.
 
 tquant's core needs only torch and numpy. The export (``onnx``), the demo (``demo``), the Triton
-kernels (``triton``), the compiled CPU host lane (``cpu``: numba), the tests (``cpu-dev``,
-``dev``) and the peers ``tquant bench onnx`` measures when present (``peers``: Brevitas) come with
-extras (``pyproject.toml``);
+kernels (``triton``), the tests (``cpu-dev``, ``dev``) and the peers ``tquant bench onnx`` measures
+when present (``peers``: Brevitas) come with extras (``pyproject.toml``);
 an error for a missing optional module names the extra that brings it, not a catch-all.
 """
 
@@ -19,7 +18,6 @@ EXTRA_OF_MODULE = {
     "tqdm": "demo",
     "rich": "demo",
     "triton": "triton",
-    "numba": "cpu",
     "pytest": "cpu-dev",
     "hypothesis": "cpu-dev",
     "brevitas": "peers",
@@ -31,8 +29,7 @@ EXTRA_CONTENTS = {
     "onnx": "onnx, onnxruntime, onnxscript",
     "demo": "scikit-learn, matplotlib, tqdm, rich",
     "triton": "triton",
-    "cpu": "numba",
-    "cpu-dev": "onnx, demo, cpu, pytest, hypothesis, ruff; no Triton",
+    "cpu-dev": "onnx, demo, pytest, hypothesis, ruff; no Triton",
     "dev": "cpu-dev + triton",
     "peers": "brevitas, onnxoptimizer: Brevitas graph mode in tquant bench onnx",
 }
@@ -45,6 +42,14 @@ def install_hint(module: str | None) -> str | None:
     if extra is None:
         return None
     return f"pip install 'tquant[{extra}]' ({EXTRA_CONTENTS[extra]})"
+
+
+def missing_dependency_line(command: str, err: ImportError) -> str:
+    """``tquant inspect: missing dependency onnx: pip install 'tquant[onnx]' (...)``: the one line the
+    ``tquant`` command prints when a subcommand cannot import an optional dependency."""
+    missing = getattr(err, "name", None) or str(err)
+    hint = install_hint(missing) or "see the optional dependencies in tquant's README"
+    return f"tquant {command}: missing dependency {missing}: {hint}"
 
 
 def missing_dependency_error(err: ImportError, what: str) -> ModuleNotFoundError | None:

@@ -49,7 +49,9 @@ class QuantizationManager(nn.Module):
     estimating, the min/max estimators update the range and the parameters and fake-quantize in
     two passes over ``x`` (two launches on the GPU), with no host synchronisation; with fixed or
     learned ranges it is one pass. An eval forward (or ``fix_ranges``) of a quantizer that never
-    saw data raises :class:`QuantizerNotInitializedError` naming ``layer_name``.
+    saw a finite value (no batch, or only empty / all-NaN/inf ones) raises
+    :class:`QuantizerNotInitializedError` naming ``layer_name``; the training forward never reads the
+    device to know it (the range state stays NaN), the check does, once, at the change of state.
     """
 
     MAX_PLANS = 8
@@ -121,9 +123,23 @@ class QuantizationManager(nn.Module):
     def learn_ranges(self) -> None:
         self.quantizer.make_range_trainable()
         self.state = Qstates.learn_ranges
+        self._settle_initialized()
 
     def estimate_ranges_train(self) -> None:
         self.state = Qstates.estimate_ranges_train
+        self._settle_initialized()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            self._settle_initialized()
+        return self
+
+    def _settle_initialized(self) -> None:
+        """At a change to a state that quantizes with the range as it is (eval, learned ranges), read
+        once whether training forwards set one: they never read the device, and traced code
+        (``torch.compile``) can only check the host's answer."""
+        self.quantizer.is_initialized  # noqa: B018 - reads the state and caches a True
 
     def is_learning(self) -> bool:
         return self.state == Qstates.learn_ranges
@@ -196,14 +212,15 @@ class QuantizationManager(nn.Module):
         state = self.state
         if state is Qstates.estimate_ranges or (state is Qstates.estimate_ranges_train and self.training):
             if call.fused and not self.sync_ranges:
-                y = call.train(x)
-                q = self._modules["quantizer"]
-                if not q._initialized:  # nn.Module.__setattr__ costs microseconds: set once
-                    q._initialized = True
-                return y
-            self._estimate(x)
-        elif not self._modules["quantizer"]._initialized:
-            raise QuantizerNotInitializedError(self.layer_name)
+                # A zero-size batch (a shape fact) updates nothing; no value is read here either: a
+                # quantizer that saw no finite value keeps its NaN range, i.e. stays uninitialised.
+                return call.train(x) if x.numel() else call.fixed(x)
+            if x.numel():
+                self._estimate(x)
+        else:
+            q = self._modules["quantizer"]
+            if not q._initialized and not q.is_initialized:
+                raise QuantizerNotInitializedError(self.layer_name)
         return call.fixed(x)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +243,7 @@ class QuantizationManager(nn.Module):
                 kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                      q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,
                                      False, workspace=(est._workspace, est._arrivals))
-            q._initialized = True
-        elif not q._initialized:
+        elif not q._initialized:  # the host's answer, settled at the change to eval / fixed / learned ranges
             raise QuantizerNotInitializedError(self.layer_name)
         if q.group_len is not None or q.fmt != "int":
             return q.forward(x)
@@ -246,7 +262,6 @@ class QuantizationManager(nn.Module):
                 else:
                     kernels.finalize_range(bmin, bmax, est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                            q._signed, q.n_bits, q.symmetric, est.fused_code, est.momentum, False)
-            q.mark_initialized()
             return
         x_min, x_max = est(x)
         if self.sync_ranges:

@@ -17,8 +17,11 @@ State (aihwkit-compatible names, so checkpoints keep their keys):
 - FP8 (``fmt="fp8_e4m3"`` / ``"fp8_e5m2"``, symmetric, 8 bits): ``scale = max(delta, eps)`` maps the
   range onto the format's largest value (:mod:`tquant.kernels.fp8_reference`); no zero point.
 
-Whether a range was ever set is also tracked on the host (``is_initialized``), so the hot
-path never reads tensor values. The math lives in :mod:`tquant.kernels`.
+Whether the quantizer has a range is its tensor state: a NaN ``_delta`` means "no range yet", and
+a quantizer whose estimator has only seen empty or all-NaN/inf batches keeps it. The training hot
+path never reads tensor values (no host synchronisation on the GPU); ``is_initialized`` reads
+``_delta`` when asked and caches a True on the host (``_initialized``), so the checks of eval,
+``fix_ranges`` and export read the device at most once. The math lives in :mod:`tquant.kernels`.
 """
 
 from __future__ import annotations
@@ -102,10 +105,20 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
 
     @property
     def is_initialized(self) -> bool:
-        return self._initialized
+        """Whether a range is set (a ``_delta`` that is not all NaN; a zero-channel state counts as set).
+
+        Reads the device until the answer is True, then answers from the host: not for the hot path.
+        """
+        if self._initialized:
+            return True
+        d = self._delta
+        ok = d.numel() == 0 or not bool(torch.isnan(d).all())
+        if ok:
+            self._initialized = True
+        return ok
 
     def _require_initialized(self) -> None:
-        if not self._initialized:
+        if not self.is_initialized:
             raise QuantizerNotInitializedError(self.layer_name)
 
     def ensure_state(self, shape: tuple, device: torch.device) -> None:
@@ -116,9 +129,7 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             self._delta.data = torch.full(shape, math.nan, device=device)
             self._zero_float.data = torch.zeros(shape, device=device)
             self._signed = torch.zeros((), dtype=torch.bool, device=device)
-
-    def mark_initialized(self) -> None:
-        self._initialized = True
+        self._initialized = False
 
     @property
     def delta(self) -> torch.Tensor:
@@ -194,7 +205,7 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             self._delta.copy_(delta)
             self._zero_float.copy_(zero_float)
             self._signed.copy_(signed)
-        self._initialized = True
+        self._initialized = False  # is_initialized reads the new state when asked (a NaN range is none)
 
     def make_range_trainable(self) -> None:
         self._delta.requires_grad_(True)

@@ -39,47 +39,19 @@ from __future__ import annotations
 
 import tempfile  # noqa: F401  (tests patch tempfile through this module)
 
-from .cli import add_parser, run
-from .data import DigitsData, load_digits_split
-from .model import DigitsCNN, quantization_map
-from .pipeline import prepare_out_dir, run_demo
-from .report import DemoReport, VariantResult
-from .runtime import ort_latencies_ms, ort_predict
-from .settings import (
-    DEFAULT_BITS,
-    DEFAULT_EPOCHS,
-    DEFAULT_QAT_EPOCHS,
-    FLOAT_LR,
-    LATENCY_BATCH,
-    QAT_LR,
-    DemoConfig,
-    DemoError,
-)
-from .training import accuracy, calibrate, predict, train
+from .._lazy import lazy_attributes
 
-__all__ = [
-    "DEFAULT_BITS",
-    "DEFAULT_EPOCHS",
-    "DEFAULT_QAT_EPOCHS",
-    "FLOAT_LR",
-    "LATENCY_BATCH",
-    "QAT_LR",
-    "DigitsData",
-    "ort_latencies_ms",
-    "ort_predict",
-    "predict",
-    "prepare_out_dir",
-    "DemoConfig",
-    "DemoError",
-    "DemoReport",
-    "DigitsCNN",
-    "VariantResult",
-    "accuracy",
-    "add_parser",
-    "calibrate",
-    "load_digits_split",
-    "quantization_map",
-    "run",
-    "run_demo",
-    "train",
-]
+_EXPORTS_BY_MODULE = {
+    "cli": ("add_parser", "run"),
+    "data": ("DigitsData", "load_digits_split"),
+    "model": ("DigitsCNN", "quantization_map"),
+    "pipeline": ("prepare_out_dir", "run_demo"),
+    "report": ("DemoReport", "VariantResult"),
+    "runtime": ("ort_latencies_ms", "ort_predict"),
+    "settings": ("DEFAULT_BITS", "DEFAULT_EPOCHS", "DEFAULT_QAT_EPOCHS", "FLOAT_LR", "LATENCY_BATCH", "QAT_LR",
+                 "DemoConfig", "DemoError"),
+    "training": ("accuracy", "calibrate", "predict", "train"),
+}
+
+# names load on first use: ``tquant demo --help`` needs only the option parser (``.cli``)
+__getattr__, __dir__, __all__ = lazy_attributes(__name__, _EXPORTS_BY_MODULE)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .pipeline import run_demo
 from .settings import (
     DEFAULT_BITS,
     DEFAULT_EPOCHS,
@@ -92,6 +91,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="CPU threads for torch and onnxruntime (default 1: fastest for this tiny model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a check fails (accuracy, agreement, size, speed; "
+                        "the failed checks are printed either way)")
     return parser
 
 
@@ -100,15 +102,17 @@ def run(args: argparse.Namespace) -> int:
 
     0 on success; 2 with a one-line ``tquant demo: error: ...`` on stderr for bad input or a
     missing optional dependency; 1 with a one-line message if writing a result fails or the
-    export/validation step fails; 130 on Ctrl-C.
+    export/validation step fails, or with ``--strict`` when a check failed; 130 on Ctrl-C.
     """
+    from .pipeline import run_demo  # torch, sklearn, onnxruntime: only when the demo runs
+
     try:
         config = DemoConfig(
             epochs=args.epochs, qat_epochs=args.qat_epochs, bits=args.bits, device=args.device,
             seed=args.seed, out=args.out, limit=args.limit, threads=args.threads,
             progress=not args.no_progress,
         )
-        run_demo(config)
+        report = run_demo(config)
     except DemoError as err:
         print(f"tquant demo: error: {err}", file=sys.stderr)
         return 2
@@ -118,4 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("tquant demo: interrupted", file=sys.stderr)
         return 130
+    if getattr(args, "strict", False) and report.failed_checks:
+        print(f"tquant demo: error: {report.checks_line()} (--strict)", file=sys.stderr)
+        return 1
     return 0

@@ -167,6 +167,7 @@ def run_demo(config: DemoConfig, console=None) -> DemoReport:
     with _torch_settings(config.threads, device):
         report = _run(config, device, out, console, started)
     _print_table(report, console)
+    console.print(report.checks_line(), markup=False, style="bold red" if report.failed_checks else None)
     for name in ("markdown", "json", "png"):
         console.print(f"wrote {out / report.files[name]}")
     console.print(f"ONNX files in {out}/: " + ", ".join(v.onnx_file for v in report.variants))

@@ -67,6 +67,18 @@ class DemoReport:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def failed_checks(self) -> list[str]:
+        """The names of the checks that failed (empty when every check passed)."""
+        return [name for name, ok in self.checks.items() if not ok]
+
+    def checks_line(self) -> str:
+        """``checks: all 6 ok`` or ``checks: 2 of 6 FAILED: <names>`` (printed after the table)."""
+        failed = self.failed_checks
+        if not failed:
+            return f"checks: all {len(self.checks)} ok"
+        return f"checks: {len(failed)} of {len(self.checks)} FAILED: " + "; ".join(failed)
+
 def _as_jsonable(obj: Any) -> Any:
     """A JSON-friendly view of a validation report (dataclass, dict or anything with ``__dict__``)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
