@@ -41,7 +41,15 @@ import numpy as np
 import torch
 
 from . import backend
-from .fake_quant import HOST_MAX_NUMEL, _fake_quant_torch, _range_grads_torch, host_codes, host_lane_fits, host_values
+from .fake_quant import (
+    HOST_MAX_NUMEL,
+    _fake_quant_torch,
+    _range_grads_torch,
+    host_array,
+    host_codes,
+    host_lane_fits,
+    host_values,
+)
 from .host_math import F32, fake_quant_consts, qparams_f32, update_range_f32
 from .range_update import _batch_minmax_torch, _finalize_torch, _update_range_scalar
 from .reference import (
@@ -167,19 +175,20 @@ class _HostCall(QuantizerCall):
         ptrs = (delta.data_ptr(), zero_float.data_ptr(), signed.data_ptr(), range_min.data_ptr(),
                 range_max.data_ptr())
         if ptrs != self._ptrs:
-            self._views = tuple(t.detach().numpy() for t in (delta, zero_float, signed, range_min, range_max))
+            # 0-d views: per-tensor parameters are [1] (FSDP2 shards no 0-dim parameter), the kernels take scalars
+            self._views = tuple(host_array(t).reshape(()) for t in (delta, zero_float, signed, range_min, range_max))
             self._ptrs = ptrs
         return self._views
 
     def train(self, x):
         xd = x.detach()
-        consts = self._update(xd.numpy(), *self._state(*self.tensors()))
+        consts = self._update(host_array(xd), *self._state(*self.tensors()))
         if x.requires_grad and torch.is_grad_enabled():
             return self._masked(x, xd, consts)
         return self._values(xd, consts, False)[0]
 
     def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
-        self._update(x.numpy(), *self._state(delta, zero_float, signed, range_min, range_max))
+        self._update(host_array(x), *self._state(delta, zero_float, signed, range_min, range_max))
 
     def _update(self, xn, d_v, z_v, s_v, rmin_v, rmax_v):
         """New range and parameters into the views; returns the fake-quant constants."""
@@ -196,12 +205,12 @@ class _HostCall(QuantizerCall):
         return fake_quant_consts(delta, zero_float, signed, self.n_bits, self.symmetric)
 
     def _values(self, x, consts, with_mask):
-        r, c = host_codes(x.numpy(), consts)
+        r, c = host_codes(host_array(x).reshape(x.shape), consts)
         mask = torch.from_numpy(np.equal(c, r)) if with_mask else None  # NaN: False, like the reference
         return host_values(c, consts, torch.empty_like(x)), mask
 
     def _masked(self, x, xd, consts):
-        xn = xd.numpy()
+        xn = host_array(xd).reshape(xd.shape)
         r, c = host_codes(xn, consts)
         out = torch.mul(x, torch.from_numpy(np.equal(c, r).astype(xn.dtype)))  # autograd saves the mask only
         return host_values(c, consts, out)
@@ -236,7 +245,7 @@ class _NumbaCall(_HostCall):
 
     def train(self, x):
         d_v, z_v, s_v, rmin_v, rmax_v = self._state(*self.tensors())
-        xn = x.numpy(force=True).ravel()
+        xn = host_array(x)
         if x.requires_grad and torch.is_grad_enabled():
             mask = np.zeros(self._shape, np.float32)
             out = torch.mul(x, torch.from_numpy(mask))  # a native node that saves only the mask; both written below
@@ -251,14 +260,14 @@ class _NumbaCall(_HostCall):
     def forward(self, x, delta, zero_float, signed, with_mask):
         y = np.empty(self._shape, np.float32)
         mask = np.empty(self._shape, np.bool_) if with_mask else None
-        self._fake_quant_kernel(x.numpy(force=True).ravel(), y.ravel(), _NO_MASK if mask is None else mask.ravel(),
+        self._fake_quant_kernel(host_array(x), y.ravel(), _NO_MASK if mask is None else mask.ravel(),
                                 *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
         return torch.from_numpy(y), (None if mask is None else torch.from_numpy(mask))
 
     def masked(self, x, delta, zero_float, signed):
         mask = np.zeros(self._shape, np.float32)
         out = torch.mul(x, torch.from_numpy(mask))  # as in train: the kernel writes the saved mask and out's values
-        self._fake_quant_kernel(x.numpy(force=True).ravel(), out.numpy(force=True).ravel(), mask.ravel(),
+        self._fake_quant_kernel(host_array(x), out.numpy(force=True).ravel(), mask.ravel(),
                                 *self._params(delta, zero_float, signed), self.n_bits, self.symmetric)
         return out
 

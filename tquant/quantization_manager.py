@@ -146,8 +146,8 @@ class QuantizationManager(nn.Module):
         """Checks and decisions that depend on ``x``'s layout, not its values: made once per layout."""
         self._check_input(x)
         q, est = self.quantizer, self.range_estimator
-        shape = (x.shape[0],) if q.per_channel else ()
-        if q.state_shape and tuple(shape) != q.state_shape:
+        shape = (x.shape[0],) if q.per_channel else ()  # the range's; a per-tensor quantizer's parameters are [1]
+        if q.per_channel and q.state_shape and tuple(shape) != q.state_shape:
             raise ValueError(
                 f"{self.layer_name or 'QuantizationManager'}: per-channel quantizer of {q.state_shape[0]} channels "
                 f"got an input with {shape[0]} along dim 0"
@@ -157,7 +157,7 @@ class QuantizationManager(nn.Module):
                 f"{self.layer_name or 'QuantizationManager'}: the quantizer's state is on {q._delta.device} but "
                 f"the input is on {x.device}; move the model with .to(device)"
             )
-        q.ensure_state(shape, x.device)
+        q.ensure_state(shape or (1,), x.device)
         est.ensure_range_buffers(shape, x.device)
         state = ((q._parameters, "_delta"), (q._buffers if q.symmetric else q._parameters, "_zero_float"),
                  (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"))
