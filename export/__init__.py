@@ -21,7 +21,7 @@ try:
     from .inspect_cmd import InspectReport, inspect_onnx
     from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
     from .prepare import ExportError, ExportPlan, QuantizerExport, export_mode
-    from .validate import OutputComparison, ValidationReport, validate_onnx
+    from .validate import MATMULNBITS_ACCURACY, OutputComparison, ValidationReport, WeightComparison, validate_onnx
 except ImportError as err:
     _missing = missing_dependency_error(err, "tquant.export")
     if _missing is None:
@@ -40,7 +40,9 @@ __all__ = [
     "export_onnx",
     "InspectReport",
     "inspect_onnx",
+    "MATMULNBITS_ACCURACY",
     "OutputComparison",
     "ValidationReport",
+    "WeightComparison",
     "validate_onnx",
 ]

@@ -23,6 +23,7 @@ import numpy as np
 __all__ = ["InspectReport", "QDQEntry", "add_parser", "check_readable", "inspect_onnx", "run"]
 
 _BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT32": 32}
+_FP8_MAX = {"FLOAT8E4M3FN": 448, "FLOAT8E5M2": 57344}
 
 
 @dataclass
@@ -288,6 +289,8 @@ def runtime_lines(runtime: dict | None) -> list[str]:
 
 
 def _storage_range(storage: str) -> tuple[int, int]:
+    if storage in _FP8_MAX:  # FP8: the largest finite magnitude (the values in between are not a grid)
+        return -_FP8_MAX[storage], _FP8_MAX[storage]
     bits = _BITS.get(storage, 8)
     if storage.startswith("U"):
         return 0, 2**bits - 1

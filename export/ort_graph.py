@@ -24,7 +24,7 @@ INTEGER_OPS = frozenset({
     "QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
     "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearSigmoid",
     "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QAttention",
-    "QLinearReduceMean", "QLinearWhere",
+    "QLinearReduceMean", "QLinearWhere", "MatMulNBits",
 })
 """Node types that compute on integers (onnxruntime's contrib QLinear* family and friends)."""
 

@@ -32,6 +32,7 @@ from torch import nn
 
 import tquant
 from tquant.kernels.bias_codes import bias_codes
+from tquant.kernels.fp8_reference import FP8_DTYPES
 from tquant.kernels.qdq import ExportConstants, quantize_codes, shift_to_unsigned, storage_dtype
 
 __all__ = [
@@ -48,6 +49,10 @@ WEIGHT_STORAGES = ("auto", "int8", "int4")
 BIAS_ADDS = ("auto", "fused", "separate")
 MIN_OPSET = 18
 INT4_OPSET = 21
+FP8_OPSET = 19
+"""QuantizeLinear/DequantizeLinear to and from float8 types."""
+BLOCKED_OPSET = 21
+"""DequantizeLinear with ``block_size`` (group-wise weights)."""
 
 
 class ExportError(RuntimeError):
@@ -142,22 +147,27 @@ def _manager_name(path: str, manager: nn.Module) -> str:
 def _constants(manager: nn.Module) -> ExportConstants:
     """``export_qparams()`` as :class:`ExportConstants` (storage dtype = narrowest holding the grid)."""
     p = manager.export_qparams()
-    qmin, qmax = int(p["qmin"]), int(p["qmax"])
     n_bits = int(p["n_bits"])
-    signed = qmin < 0
-    dtype = storage_dtype(n_bits, signed)
     scale = p["scale"].detach().to("cpu", torch.float32).clone()
-    zero_point = p["zero_point"].detach().to("cpu", torch.int64)
     if not torch.isfinite(scale).all() or (scale <= 0).any():
         raise ExportError(
             f"cannot export: quantizer '{_manager_name('', manager)}' has a non-finite or "
-            f"non-positive scale {scale.tolist()}"
+            f"non-positive scale {scale.flatten()[:8].tolist()}"
         )
     axis = -1 if p["axis"] is None else int(p["axis"])
     if axis >= 0 and scale.dim() == 0:
         axis = -1
+    fmt = p.get("fmt", "int")
+    if fmt != "int":  # FP8: a float8 zero point names the format; no integer grid
+        zero_point = torch.zeros(scale.shape, dtype=FP8_DTYPES[fmt])
+        return ExportConstants(scale, zero_point, 0, 0, axis, n_bits, True, True, fmt=fmt)
+    qmin, qmax = int(p["qmin"]), int(p["qmax"])
+    signed = qmin < 0
+    dtype = storage_dtype(n_bits, signed)
+    zero_point = p["zero_point"].detach().to("cpu", torch.int64)
     return ExportConstants(
-        scale, zero_point.to(dtype), qmin, qmax, axis, n_bits, bool(p["symmetric"]), signed
+        scale, zero_point.to(dtype), qmin, qmax, axis, n_bits, bool(p["symmetric"]), signed,
+        block_size=p.get("group_len") or 0,
     )
 
 
@@ -233,6 +243,102 @@ class _WeightForward:
             )
         y = torch.ops.tquant.dequantize_codes(m.codes, m.scale, m.zero_point, c.axis, self.entry.storage_bits)
         return y if w.dtype == torch.float32 else y.to(w.dtype)
+
+
+class _GroupWeightForward:
+    """Replacement ``forward`` of a group-wise weight manager: ``tquant::dequantize_blocked`` on its codes.
+
+    The codes are stored as the weight's ``[C, K]`` view (blocks along axis 1, reshaped to the weight's
+    shape after ``DequantizeLinear``) or, for a Linear layer (see :class:`_GroupLinear`), transposed to
+    ``[K, C]`` (blocks along axis 0: the ``MatMul`` input onnxruntime fuses into ``MatMulNBits``)."""
+
+    def __init__(self, manager: nn.Module, entry: QuantizerExport, axis: int, shape: tuple):
+        self.manager, self.entry, self.axis, self.shape = manager, entry, axis, shape
+
+    def dequantized(self) -> torch.Tensor:
+        m, e = self.manager, self.entry
+        return torch.ops.tquant.dequantize_blocked(m.codes, m.scale, m.zero_point, self.axis, e.constants.block_size,
+                                                   e.storage_bits)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if tuple(w.shape) != self.shape:
+            raise ExportError(
+                f"cannot export: weight quantizer '{self.entry.name}' was called with a tensor of shape "
+                f"{tuple(w.shape)}, but its layer's weight has shape {self.shape}"
+            )
+        y = self.dequantized()
+        y = y.t() if self.axis == 0 else y.reshape(self.shape)
+        return y if w.dtype == torch.float32 else y.to(w.dtype)
+
+
+class _GroupLinear:
+    """Replacement ``forward`` of a Linear layer with group-wise weights: ``x @ W^T + b`` as
+    ``MatMul(x, DequantizeLinear(codes [K, N], axis=0, block_size))`` then ``Add(bias)``, the pattern
+    onnxruntime's QDQ optimiser turns into one ``MatMulNBits`` with the bias inside (power-of-two blocks
+    >= 16; 2-, 4- or 8-bit codes), then the layer's activation and output quantizer.
+
+    A 2-D input runs as ``[1, B, K]`` (``Unsqueeze`` → ``MatMul`` → ``Add`` → ``Squeeze``): onnxruntime
+    (1.32) rewrites a 2-D ``MatMul`` + ``Add`` into ``Gemm`` first, and its QDQ selector never takes a
+    ``MatMul``/``Gemm`` whose only consumer is a ``Relu``/``Clip`` without a ``QuantizeLinear`` after it
+    (it expects a clip made redundant by that Q), so a Linear followed by a ReLU would stay a
+    ``DequantizeLinear`` + ``Gemm``. The 3-D form is never rewritten that way."""
+
+    def __init__(self, layer: nn.Module, weight: _GroupWeightForward):
+        self.layer, self.weight = layer, weight
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        w = self.weight.dequantized()
+        w = w if x.dtype == torch.float32 else w.to(x.dtype)
+        flat = x.dim() == 2
+        y = torch.matmul(x.unsqueeze(0) if flat else x, w)
+        if self.layer.bias is not None:
+            y = y + self.layer.bias
+        return self.layer.quantize_activations(y.squeeze(0) if flat else y)
+
+
+class _Fp8Forward:
+    """Replacement ``forward`` of an FP8 manager: ``tquant::dequantize_fp8`` on the stored float8 codes (a
+    weight) or ``tquant::quantize_dequantize_fp8`` (an activation)."""
+
+    def __init__(self, manager: nn.Module, entry: QuantizerExport):
+        self.manager, self.entry = manager, entry
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, e = self.manager, self.entry
+        if e.error is not None:
+            raise e.error
+        if e.kind == "activation":
+            return torch.ops.tquant.quantize_dequantize_fp8(x, m.scale, m.zero_point, e.constants.axis)
+        if tuple(x.shape) != tuple(m.codes.shape):
+            raise ExportError(
+                f"cannot export: weight quantizer '{e.name}' was called with a tensor of shape {tuple(x.shape)}, "
+                f"but its layer's weight has shape {tuple(m.codes.shape)}"
+            )
+        y = torch.ops.tquant.dequantize_fp8(m.codes, m.scale, m.zero_point, e.constants.axis)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _group_weight(manager: nn.Module, owner: nn.Module, entry: QuantizerExport, weight: torch.Tensor,
+                  bufs: dict) -> tuple[_GroupWeightForward, bool]:
+    """The forward of a group-wise weight manager and whether its layer runs as :class:`_GroupLinear`; puts the
+    constants in ``bufs`` in the layout that form needs (``[K, N]`` codes for a Linear, else ``[C, K]``)."""
+    shape = tuple(weight.shape)
+    codes = bufs["codes"].reshape(shape[0], -1)
+    if isinstance(owner, nn.Linear) and hasattr(owner, "quantize_activations") and weight.dim() == 2:
+        bufs.update(codes=codes.t().contiguous(), scale=bufs["scale"].t().contiguous(),
+                    zero_point=bufs["zero_point"].t().contiguous())
+        return _GroupWeightForward(manager, entry, 0, shape), True
+    bufs["codes"] = codes
+    return _GroupWeightForward(manager, entry, 1, shape), False
+
+
+def _check_opset(c: ExportConstants | None, opset: int, name: str) -> None:
+    if c is not None and c.fmt != "int" and opset < FP8_OPSET:
+        raise ExportError(f"cannot export: quantizer '{name}' is {c.fmt}; float8 QuantizeLinear/DequantizeLinear "
+                          f"need opset >= {FP8_OPSET}, got opset {opset}")
+    if c is not None and c.block_size and opset < BLOCKED_OPSET:
+        raise ExportError(f"cannot export: weight quantizer '{name}' is group-wise; blocked DequantizeLinear "
+                          f"needs opset >= {BLOCKED_OPSET}, got opset {opset}")
 
 
 class _SeparateBias:
@@ -388,26 +494,37 @@ def export_mode(
                 raise
             c, error = None, e
         device = m.quantizer._delta.device
+        if id(m) in owners or id(m) in active:
+            _check_opset(c, opset, name)
         if id(m) in owners:
             owner_path, owner = owners[id(m)]
-            bits = _weight_storage_bits(c.n_bits, weight_storage, opset, name)
-            if not (signed_storage or signed_weights):
+            bits = 8 if c.fmt != "int" else _weight_storage_bits(c.n_bits, weight_storage, opset, name)
+            if c.fmt == "int" and not (signed_storage or signed_weights):
                 c, _ = shift_to_unsigned(c, bits)
             entry = QuantizerExport(name, "weight", c, bits, None, owner_path)
             # the weight the layer quantizes: for a QuantConvBn2d the BN-folded one
             weight = owner.get_weight_bias()[0] if hasattr(owner, "get_weight_bias") else owner.weight
-            codes = quantize_codes(weight.detach(), c)
-            bufs = {"codes": codes, "scale": c.scale, "zero_point": c.zero_point}
-            installs.append((m, "forward", _WeightForward(m, entry), bufs))
+            bufs = {"codes": quantize_codes(weight.detach(), c), "scale": c.scale, "zero_point": c.zero_point}
+            group_linear = False
+            if c.fmt != "int":
+                forward = _Fp8Forward(m, entry)
+            elif c.block_size:
+                forward, group_linear = _group_weight(m, owner, entry, weight, bufs)
+                if group_linear:
+                    installs.append((owner, "forward", _GroupLinear(owner, forward), {}))
+            else:
+                forward = _WeightForward(m, entry)
+            installs.append((m, "forward", forward, bufs))
             int32 = _int32_bias(owner, c)
             if int32 is not None:
                 entry.int32_bias = True
                 int32_bufs = {k: v.to(device) for k, v in int32[1].items()}
                 installs.append((owner, "quantize_bias", _Int32Bias(owner, int32[0]), int32_bufs))
-            if _wants_separate_bias(owner, bits, bias_add):
+            # (a group-wise Linear's own forward adds its bias after the MatMul)
+            if not group_linear and _wants_separate_bias(owner, bits, bias_add):
                 entry.separate_bias = True
                 installs.append((owner, "run_forward", _SeparateBias(owner), {}))
-            elif _flattens(owner):
+            elif not group_linear and _flattens(owner):
                 installs.append((owner, "forward", _FlattenLinear(owner), {}))
         else:
             bits = 16 if c is not None and c.n_bits > 8 else 8
@@ -416,7 +533,8 @@ def export_mode(
                     f"cannot export: quantizer '{name}' has {c.n_bits} bits; 16-bit "
                     f"QuantizeLinear needs opset >= {INT4_OPSET}, got opset {opset}"
                 )
-            if c is not None and not signed_storage:
+            fp8 = c is not None and c.fmt != "int"
+            if c is not None and not signed_storage and not fp8:
                 c, _ = shift_to_unsigned(c, bits)
             if c is not None and bits == 16 and c.axis >= 0 and (c.qmax - c.qmin) < 2**16 - 1:
                 raise ExportError(
@@ -425,7 +543,7 @@ def export_mode(
                 )
             entry = QuantizerExport(name, "activation", c, bits, error)
             bufs = {} if c is None else {"scale": c.scale, "zero_point": c.zero_point}
-            installs.append((m, "forward", _ActivationForward(m, entry), bufs))
+            installs.append((m, "forward", (_Fp8Forward if fp8 else _ActivationForward)(m, entry), bufs))
         for key, value in bufs.items():
             bufs[key] = value.to(device)
         plan.quantizers.append(entry)

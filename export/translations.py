@@ -8,7 +8,12 @@
 - ``dequantize_bias(codes, scale, axis)`` into ``DequantizeLinear`` on an int32 bias (zero point 0);
 - ``dequantize_codes(codes, scale, zp, axis, storage_bits)`` into ``DequantizeLinear`` on the
   integer initializer; with ``storage_bits=4`` the codes and zero point go through
-  ``Cast(to=INT4|UINT4)``, which :func:`fold_int4_casts` folds into 4-bit initializers after export.
+  ``Cast(to=INT4|UINT4)``, which :func:`fold_int4_casts` folds into 4-bit initializers after export;
+- ``dequantize_blocked(codes, scale, zp, axis, block_size, storage_bits)`` likewise, with ``block_size``
+  (group-wise weights; opset 21);
+- ``quantize_dequantize_fp8(x, scale, zp, axis)`` into ``QuantizeLinear`` → ``DequantizeLinear`` to float8
+  (the float8 zero point picks the type; ``saturate`` left at its default 1), and ``dequantize_fp8`` into
+  ``DequantizeLinear`` on a float8 initializer (opset 19).
 
 ``axis`` follows the kernels' convention (``< 0`` per tensor); per-channel nodes carry the ONNX
 ``axis`` attribute, per-tensor nodes none.
@@ -81,6 +86,15 @@ def dequantize_codes_onnx(codes, scale, zero_point, axis: int, storage_bits: int
     return op.DequantizeLinear(codes, scale, zero_point, **_axis_kw(axis))
 
 
+def dequantize_blocked_onnx(codes, scale, zero_point, axis: int, block_size: int, storage_bits: int, *, op):
+    """``DequantizeLinear(axis, block_size)`` on group-wise integer codes (4-bit: cast to int4/uint4 first)."""
+    if storage_bits == 4:
+        to = _INT4_OF[codes.dtype]
+        codes = op.Cast(codes, to=to)
+        zero_point = op.Cast(zero_point, to=to)
+    return op.DequantizeLinear(codes, scale, zero_point, axis=axis, block_size=block_size)
+
+
 def translation_table(opset: int = 21) -> dict:
     """The ``custom_translation_table`` for ``torch.onnx.export(dynamo=True, opset_version=opset)``."""
     op = _opset(opset)
@@ -95,10 +109,24 @@ def translation_table(opset: int = 21) -> dict:
         # int32 codes, zero point 0 (omitted): the bias form onnxruntime's Conv/Gemm selectors fuse
         return op.DequantizeLinear(codes, scale, **_axis_kw(axis))
 
+    def dequantize_blocked(codes, scale, zero_point, axis: int, block_size: int, storage_bits: int):
+        return dequantize_blocked_onnx(codes, scale, zero_point, axis, block_size, storage_bits, op=op)
+
+    def quantize_dequantize_fp8(x, scale, zero_point, axis: int):
+        # saturate=1 (the default): out-of-range values and infinities go to +-max, as tquant's FP8 does
+        kw = _axis_kw(axis)
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point, **kw), scale, zero_point, **kw)
+
+    def dequantize_fp8(codes, scale, zero_point, axis: int):
+        return op.DequantizeLinear(codes, scale, zero_point, **_axis_kw(axis))
+
     return {
         torch.ops.tquant.quantize_dequantize.default: quantize_dequantize,
         torch.ops.tquant.dequantize_codes.default: dequantize_codes,
         torch.ops.tquant.dequantize_bias.default: dequantize_bias,
+        torch.ops.tquant.dequantize_blocked.default: dequantize_blocked,
+        torch.ops.tquant.quantize_dequantize_fp8.default: quantize_dequantize_fp8,
+        torch.ops.tquant.dequantize_fp8.default: dequantize_fp8,
     }
 
 

@@ -33,12 +33,20 @@ from .prepare import check_eval, flatten_outputs, warn_estimating
 __all__ = [
     "FUSED_OP_TYPES",
     "LEVELS",
+    "MATMULNBITS_ACCURACY",
     "OutputComparison",
     "ValidationReport",
+    "WeightComparison",
     "float_ops_between_quantizers",
     "output_lsb",
     "validate_onnx",
+    "weight_comparisons",
 ]
+
+MATMULNBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+"""onnxruntime session option: the accuracy level of the ``MatMulNBits`` nodes its QDQ optimiser makes from a
+group-wise weight's ``DequantizeLinear`` → ``MatMul`` (default 4: activations quantized to int8 per block
+inside the kernel, the fastest; ``"1"``: fp32 arithmetic, PyTorch's values up to summation order)."""
 
 LEVELS = ("disabled", "basic", "extended", "all")
 """onnxruntime graph optimisation levels, by name."""
@@ -84,6 +92,7 @@ _EPILOGUE = {"Add", "Sub", "Mul", "Div", "Clip", "Relu"}
 """Elementwise ops that finish a quantized layer (bias, scale, activation) when their other inputs
 are constants."""
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+_FLOAT8_TYPES = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2)
 MAX_NODE_NAMES = 6
 """Node names quoted by ``str(report)`` for the float ops between quantizers."""
 
@@ -100,7 +109,8 @@ def output_lsb(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int] | Non
     """For each graph output, ``(scale, axis)`` of the ``DequantizeLinear`` that produces it, or None.
 
     Follows shape-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity; Transpose only for
-    per-tensor scales) back to the ``DequantizeLinear``. ``axis`` is -1 for a per-tensor scale.
+    per-tensor scales) back to the ``DequantizeLinear``. ``axis`` is -1 for a per-tensor scale. An FP8
+    ``DequantizeLinear`` gives None (its values are not a grid of one step).
     """
     producers = {out: node for node in model.graph.node for out in node.output}
     consts = {init.name: init for init in model.graph.initializer}
@@ -113,6 +123,9 @@ def output_lsb(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int] | Non
         while name in producers:
             node = producers[name]
             if node.op_type == "DequantizeLinear":
+                zp = consts.get(node.input[2]) if len(node.input) > 2 else None
+                if zp is not None and zp.data_type in _FLOAT8_TYPES:
+                    break  # FP8 values are not evenly spaced: compared as a float output
                 if len(node.input) > 1 and node.input[1] in consts:
                     scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
                     axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
@@ -266,6 +279,20 @@ moves by a few LSBs of the quantizers before it when one of their codes flips.""
 
 
 @dataclass
+class WeightComparison:
+    """A weight stored in the file (integer or float8 initializer → ``DequantizeLinear``) against the
+    PyTorch model's quantized weight: ``name`` the weight quantizer's path, ``stored`` the ONNX type,
+    ``equal_share`` the share of values that ``DequantizeLinear`` gives exactly, ``max_abs`` the largest
+    difference."""
+
+    name: str
+    stored: str
+    numel: int
+    equal_share: float
+    max_abs: float
+
+
+@dataclass
 class ValidationReport:
     """The result of :func:`validate_onnx`; ``print(report)`` shows it as a table.
 
@@ -283,6 +310,8 @@ class ValidationReport:
     fused: dict[str, int] = field(default_factory=dict)
     float_ops: dict[str, int] = field(default_factory=dict)
     float_op_nodes: list[str] = field(default_factory=list)
+    weights: list[WeightComparison] = field(default_factory=list)
+    session_config: dict[str, str] = field(default_factory=dict)
 
     def level(self, level: str) -> list[OutputComparison]:
         return [c for c in self.comparisons if c.level == level]
@@ -327,6 +356,12 @@ class ValidationReport:
                 missed.append(f"float ops between quantizers before it: {_op_counts(c.float_ops)}")
             if missed:
                 problems.append(f"output {c.output!r} at level {c.level!r}: " + "; ".join(missed))
+        for w in self.weights:
+            if w.equal_share < 1.0:
+                problems.append(
+                    f"weight {w.name!r}: {round((1 - w.equal_share) * w.numel)} of {w.numel} stored values differ "
+                    f"from PyTorch's quantized weight (max |diff| {w.max_abs:.3g})"
+                )
         return problems
 
     def ok(
@@ -339,7 +374,8 @@ class ValidationReport:
     ) -> bool:
         """True when onnxruntime agrees with PyTorch up to its documented rounding differences.
 
-        For every output at every validated level (or only at ``level``):
+        Every stored weight must decode to PyTorch's quantized weight exactly (:attr:`weights`), and for
+        every output at every validated level (or only at ``level``):
 
         - a quantized output: no code more than ``max_lsb`` LSBs away (default
           :data:`DEFAULT_MAX_LSB` = 1) and at least ``min_code_agreement`` of the codes equal
@@ -384,6 +420,13 @@ class ValidationReport:
             lines.append(f"nodes ({level}): {nodes}")
         fused = ", ".join(f"{k} {v}" for k, v in sorted(self.fused.items())) or "none"
         lines.append(f"fused integer nodes: {fused}")
+        if self.session_config:
+            lines.append("session options: " + ", ".join(f"{k}={v}" for k, v in self.session_config.items()))
+        if self.weights:
+            differ = [w for w in self.weights if w.equal_share < 1.0]
+            types = ", ".join(f"{k} {v}" for k, v in sorted(Counter(w.stored for w in self.weights).items()))
+            verdict = "all equal to" if not differ else f"{len(differ)} differ from"
+            lines.append(f"stored weights: {len(self.weights)} ({types}), {verdict} PyTorch's quantized weights")
         if self.float_ops:
             names = ", ".join(self.float_op_nodes[:MAX_NODE_NAMES])
             more = len(self.float_op_nodes) - MAX_NODE_NAMES
@@ -416,9 +459,11 @@ def _random_like(x, batch: int, generator: torch.Generator):
     return (torch.randn(shape, generator=generator) * std + mean).to(x.dtype)
 
 
-def _session(path: str, level: str, optimized_path: str | None):
+def _session(path: str, level: str, optimized_path: str | None, config: dict[str, str] | None = None):
     ort = _ort()
     so = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, str(value))
     so.graph_optimization_level = {
         "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -470,6 +515,69 @@ def _compare(
     )
 
 
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _dequantize(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """ONNX ``DequantizeLinear`` of constant inputs in numpy (per tensor, per axis or blocked), fp32."""
+    codes = numpy_helper.to_array(consts[node.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
+    has_zp = len(node.input) > 2 and node.input[2]
+    zp = numpy_helper.to_array(consts[node.input[2]]).astype(np.float32) if has_zp else np.zeros_like(scale)
+    axis, block = _attr(node, "axis", 1), _attr(node, "block_size", 0)
+    axis = axis + codes.ndim if axis < 0 else axis
+    if block:
+        n = codes.shape[axis]
+        scale = np.repeat(scale, block, axis=axis).take(range(n), axis=axis)
+        zp = np.repeat(zp, block, axis=axis).take(range(n), axis=axis)
+    elif scale.ndim == 1 and codes.ndim > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((codes - zp) * scale).astype(np.float32)
+
+
+def weight_comparisons(model: nn.Module, onnx_model: onnx.ModelProto) -> list[WeightComparison]:
+    """Each weight stored in the file (a constant integer or float8 tensor → ``DequantizeLinear`` whose scale is
+    ``<weight quantizer>.scale``, as :func:`~tquant.export.export_onnx` names it) decoded in numpy and
+    compared with what the PyTorch model's weight quantizer makes of its layer's weight (eval, fixed range).
+    The stored layout is the weight's, its ``[C, K]`` view (blocked along axis 1), or (blocked along axis 0: a
+    group-wise Linear's ``MatMul`` input) its transpose."""
+    import tquant
+
+    consts = _consts(onnx_model)
+    modules = dict(model.named_modules())
+    found = []
+    for node in onnx_model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 2 or node.input[0] not in consts:
+            continue
+        manager_path = node.input[1][: -len(".scale")] if node.input[1].endswith(".scale") else None
+        manager = modules.get(manager_path)
+        owner = modules.get(manager_path.rpartition(".")[0]) if manager_path else None
+        stored = consts[node.input[0]].data_type
+        if not isinstance(manager, tquant.QuantizationManager) or owner is None or stored in _FLOAT_TYPES:
+            continue
+        weight = owner.get_weight_bias()[0] if hasattr(owner, "get_weight_bias") else getattr(owner, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        with torch.no_grad():
+            expected = manager(weight.detach())
+        got = torch.from_numpy(_dequantize(node, consts))
+        if _attr(node, "block_size", 0) and _attr(node, "axis", 1) == 0:  # a group-wise Linear's [K, N] codes
+            got = got.t()
+        if got.numel() != expected.numel():
+            continue
+        got = got.reshape(expected.shape)
+        got, want = got.to(expected.dtype).float().cpu(), expected.float().cpu()
+        same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+        diff = (got - want).abs().nan_to_num(0.0)
+        found.append(WeightComparison(manager_path, onnx.TensorProto.DataType.Name(stored), int(want.numel()),
+                                      float(same.float().mean()) if want.numel() else 1.0,
+                                      float(diff.max()) if want.numel() else 0.0))
+    return found
+
+
 def validate_onnx(
     model: nn.Module,
     example_inputs,
@@ -478,6 +586,7 @@ def validate_onnx(
     n_random: int = 2,
     levels: Sequence[str] = ("disabled", "all"),
     seed: int = 0,
+    session_config: dict[str, str] | None = None,
 ) -> ValidationReport:
     """Run ``path`` in onnxruntime (CPU provider) and compare it with ``model`` in eval mode.
 
@@ -492,13 +601,18 @@ def validate_onnx(
         levels: onnxruntime graph optimisation levels to run (``"disabled"``, ``"basic"``,
             ``"extended"``, ``"all"``).
         seed: for the random batches.
+        session_config: onnxruntime session config entries for every session, e.g.
+            ``{MATMULNBITS_ACCURACY: "1"}`` to run the ``MatMulNBits`` of group-wise weights in fp32
+            (onnxruntime's default, 4, quantizes their activations to int8: float outputs then move by
+            up to about 1 %).
 
     Returns:
         a :class:`ValidationReport`: per level and output, the share of elements equal to float
         precision; for a quantized output the share of integer codes that agree and the max error
         in LSBs of the output quantizer; for a float output the max absolute and relative error;
         node counts per level (the optimised graph is saved by onnxruntime and counted); the
-        integer node types onnxruntime fused; the float ops between quantizers.
+        integer node types onnxruntime fused; the float ops between quantizers; each stored weight decoded
+        and compared with the model's quantized weight (:func:`weight_comparisons`).
         ``report.ok()`` checks it against thresholds with documented defaults
         (:meth:`ValidationReport.ok`): within 1 LSB, >= 50 % of the codes equal, float outputs
         within 1 % of their range.
@@ -537,6 +651,8 @@ def validate_onnx(
         len(batches),
         float_ops=dict(Counter(n.op_type for n in float_nodes)),
         float_op_nodes=[n.name or n.op_type for n in float_nodes],
+        weights=weight_comparisons(model, onnx_model),
+        session_config={k: str(v) for k, v in (session_config or {}).items()},
     )
     upstream_ops = {}
     for name in out_names:
@@ -547,7 +663,7 @@ def validate_onnx(
             optimized = os.path.join(tmp, f"{level}.onnx") if level != "disabled" else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                session = _session(path, level, optimized)
+                session = _session(path, level, optimized, session_config)
             feeds_names = [i.name for i in session.get_inputs()]
             results = []
             for b in batches:

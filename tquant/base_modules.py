@@ -43,14 +43,15 @@ class QuantizedModule(nn.Module):
     Keyword arguments (as built by the converter from a :class:`~tquant.QuantizationConfig`):
     ``method``, ``act_method``, ``n_bits``, ``n_bits_act``, ``per_channel_weights``,
     ``per_channel_acts``, ``percentile``, ``weight_range_method``, ``weight_range_options``,
-    ``act_range_method``, ``act_range_options``, ``scale_domain`` (``"linear"`` only).
+    ``act_range_method``, ``act_range_options``, ``scale_domain`` (``"linear"`` only); tquant's additions
+    ``weight_group_size`` (group-wise weights), ``weight_fmt`` and ``act_fmt`` (``"int"`` or an FP8 format).
     """
 
     def __init__(self, *args, method=QMethods.asymmetric_uniform, act_method=None, n_bits=8, n_bits_act=None,
                  per_channel_weights=False, per_channel_acts=False, percentile=None,
                  weight_range_method=RangeEstimators.current_minmax, weight_range_options=None,
                  act_range_method=RangeEstimators.running_minmax, act_range_options=None, scale_domain="linear",
-                 **kwargs):
+                 weight_group_size=None, weight_fmt="int", act_fmt="int", **kwargs):
         kwargs.pop("quant_dict", None)
         kwargs.pop("module_map", None)
         kwargs.pop("quantization_map", None)
@@ -67,6 +68,9 @@ class QuantizedModule(nn.Module):
         self.act_range_method = act_range_method
         self.act_range_options = dict(act_range_options) if act_range_options else {}
         self.scale_domain = scale_domain
+        self.weight_group_size = weight_group_size
+        self.weight_fmt = weight_fmt
+        self.act_fmt = act_fmt
         self.cached_params = None
         self._cache_key = None
         self._caching = True
@@ -74,8 +78,11 @@ class QuantizedModule(nn.Module):
         self._quant_w = False
         self._quant_a = False
 
-    def _qparams(self, n_bits: int) -> dict:
-        return {"n_bits": n_bits, "scale_domain": self.scale_domain}
+    def _qparams(self, n_bits: int, fmt: str = "int") -> dict:
+        params = {"n_bits": n_bits, "scale_domain": self.scale_domain}
+        if fmt != "int" and n_bits > 0:  # an FP8 quantizer; a disabled one (n_bits <= 0) stays a plain one
+            params["fmt"] = fmt
+        return params
 
     @property
     def caching(self) -> bool:
@@ -157,7 +164,7 @@ class QuantizedActivation(QuantizedModule):
         super().__init__(*args, **kwargs)
         self.activation_quantizer = QuantizationManager(
             qmethod=self.act_method,
-            qparams=self._qparams(self.n_bits_act),
+            qparams=self._qparams(self.n_bits_act, self.act_fmt),
             init=self.act_range_method,
             per_channel=self.per_channel_acts,
             init_params=self.act_range_options,
@@ -205,7 +212,7 @@ class QuantizationHijacker(QuantizedModule):
             qmethod=self.act_method,
             init=self.act_range_method,
             per_channel=self.per_channel_acts,
-            qparams=self._qparams(self.n_bits_act),
+            qparams=self._qparams(self.n_bits_act, self.act_fmt),
             init_params=self.act_range_options,
         )
         if self.weight_range_method == RangeEstimators.current_minmax:
@@ -213,13 +220,17 @@ class QuantizationHijacker(QuantizedModule):
         else:
             weight_init_params = self.weight_range_options
         weight = getattr(self, "weight", None)
+        qparams = self._qparams(self.n_bits, self.weight_fmt)
+        grouped = self.weight_group_size is not None and self.n_bits > 0 and weight is not None
+        if grouped:
+            qparams.update(group_size=self.weight_group_size, weight_shape=tuple(weight.shape))
         self.weight_quantizer = QuantizationManager(
             qmethod=self.method,
             init=self.weight_range_method,
             per_channel=self.per_channel_weights,
-            qparams=self._qparams(self.n_bits),
+            qparams=qparams,
             init_params=weight_init_params,
-            n_channels=weight.shape[0] if self.per_channel_weights and weight is not None else None,
+            n_channels=weight.shape[0] if (self.per_channel_weights or grouped) and weight is not None else None,
         )
 
     def forward(self, x: torch.Tensor, offsets=None) -> torch.Tensor:

@@ -51,7 +51,17 @@ def _output_quantizer(module: nn.Module) -> QuantizationManager | None:
     if layer is None or layer.n_bits_act <= 0 or not layer._quant_a:
         return None
     q = layer.activation_quantizer
-    return q if isinstance(q, QuantizationManager) and not q.quantizer.per_channel else None
+    return q if isinstance(q, QuantizationManager) and _per_tensor_int(q) else None
+
+
+def _per_tensor_int(manager: QuantizationManager) -> bool:
+    return not manager.quantizer.per_channel and manager.quantizer.fmt == "int"
+
+
+def _int_weights(layer: QuantizationHijacker) -> bool:
+    """Weights on an integer grid per tensor or per channel (group-wise and FP8 scales have no int32 bias)."""
+    q = layer.weight_quantizer.quantizer
+    return q.fmt == "int" and q.group_len is None
 
 
 def link_bias_input_quantizers(model: nn.Module) -> int:
@@ -64,13 +74,13 @@ def link_bias_input_quantizers(model: nn.Module) -> int:
         if isinstance(module, QuantizedInputModule):
             layer = _layer(module.module)
             source = module.input_quantizer.activation_quantizer
-            if layer is not None and _has_bias(layer) and not source.quantizer.per_channel:
+            if layer is not None and _has_bias(layer) and _per_tensor_int(source) and _int_weights(layer):
                 linked[id(layer)] = source
         if isinstance(module, nn.Sequential):
             children = list(module._modules.values())
             for i, child in enumerate(children):
                 layer = _layer(child)
-                if layer is None or not _has_bias(layer) or id(layer) in linked:
+                if layer is None or not _has_bias(layer) or id(layer) in linked or not _int_weights(layer):
                     continue
                 j = i - 1
                 while j >= 0 and isinstance(children[j], GRID_PRESERVING):
@@ -82,8 +92,14 @@ def link_bias_input_quantizers(model: nn.Module) -> int:
         if not isinstance(module, QuantizationHijacker) or not _has_bias(module):
             continue
         module.set_bias_input_quantizer(linked.get(id(module)))
-        module.float_bias_note = None if id(module) in linked else (
-            "bias kept float: its input quantizer is unknown (not wrapped in a QuantizedInputModule and not "
-            "after a quantized layer in an nn.Sequential); add it to input_activation_qconfig_map for an int32 bias"
-        )
+        if id(module) in linked:
+            module.float_bias_note = None
+        elif not _int_weights(module):
+            module.float_bias_note = "bias kept float: int32 biases need integer weights per tensor or per channel"
+        else:
+            module.float_bias_note = (
+                "bias kept float: its input quantizer is unknown (not wrapped in a QuantizedInputModule and not "
+                "after a quantized layer in an nn.Sequential); add it to input_activation_qconfig_map for an int32 "
+                "bias"
+            )
     return len(linked)

@@ -20,6 +20,9 @@ from .registry import implementation
 
 MAX_BITS = 16
 
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2")
+"""Number formats of ``fmt``: the integer grid of ``n_bits`` bits, or OCP FP8 (E4M3, E5M2; 8 bits)."""
+
 
 class RangeEstimators(enum.Enum):
     """How a quantizer's range is estimated (``RangeEstimators["MSE"]`` works too)."""
@@ -81,6 +84,22 @@ def check_bits(value: Any, where: str) -> int:
 def _check_bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise QuantizationConfigError(f"{where} must be a bool, got {value!r}")
+    return value
+
+
+def _check_fmt(value: Any, where: str) -> str:
+    if value not in FORMATS:
+        raise QuantizationConfigError(f"{where}: unknown format {value!r}; expected one of {', '.join(FORMATS)}")
+    return value
+
+
+def _check_group_size(value: Any, where: str) -> int | None:
+    """``None`` (no groups) or an int >= 1; whether it fits a layer is checked at conversion."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise QuantizationConfigError(
+            f"{where} must be None or an int >= 1 (a power of two >= 16, or a divisor of the layer's input "
+            f"features), got {value!r}"
+        )
     return value
 
 
@@ -165,14 +184,18 @@ class BaseQuantConfig:
 
     ``n_bits <= 0`` means no quantization. Setting ``range_estimator`` resets
     ``range_estimator_params`` to that estimator's default params (``None`` for ``allminmax``);
-    assigning params of another class raises ``TypeError``.
+    assigning params of another class raises ``TypeError``. ``fmt`` (tquant's addition, keyword only):
+    ``"int"`` (default) or an FP8 format, ``"fp8_e4m3"`` / ``"fp8_e5m2"`` (``n_bits=8``, symmetric; see
+    :func:`check_format`).
     """
 
     _default_estimator = RangeEstimators.current_minmax
 
-    def __init__(self, n_bits: int = 0, symmetric: bool = True, range_estimator=None, range_estimator_params=None):
+    def __init__(self, n_bits: int = 0, symmetric: bool = True, range_estimator=None, range_estimator_params=None,
+                 *, fmt: str = "int"):
         self.n_bits = n_bits
         self.symmetric = symmetric
+        self.fmt = fmt
         self.range_estimator = self._default_estimator if range_estimator is None else range_estimator
         if range_estimator_params is not None:
             self.range_estimator_params = range_estimator_params
@@ -183,6 +206,10 @@ class BaseQuantConfig:
             value = check_bits(value, type(self).__name__)
         elif name in ("symmetric", "per_channel"):
             value = _check_bool(value, where)
+        elif name == "fmt":
+            value = _check_fmt(value, where)
+        elif name == "group_size":
+            value = _check_group_size(value, where)
         super().__setattr__(name, value)
 
     @property
@@ -220,6 +247,7 @@ class BaseQuantConfig:
             "symmetric": self.symmetric,
             "range_estimator": self.range_estimator,
             "range_estimator_params": self.range_estimator_params,
+            "fmt": self.fmt,
         }
 
     def __repr__(self) -> str:
@@ -234,7 +262,7 @@ class ActivationQuantConfig(BaseQuantConfig):
     """Quantization of a layer's OUTPUT activations (default estimator: ``running_minmax``).
 
     ``ActivationQuantConfig(n_bits=0, symmetric=True, range_estimator=RangeEstimators.running_minmax,
-    range_estimator_params=None)``.
+    range_estimator_params=None, fmt="int")``; FP8 activations have one scale per tensor.
     """
 
     _default_estimator = RangeEstimators.running_minmax
@@ -245,16 +273,24 @@ class ActivationQuantConfig(BaseQuantConfig):
         symmetric: bool = True,
         range_estimator: RangeEstimators = RangeEstimators.running_minmax,
         range_estimator_params: Any = None,
+        fmt: str = "int",
     ):
-        super().__init__(n_bits, symmetric, range_estimator, range_estimator_params)
+        super().__init__(n_bits, symmetric, range_estimator, range_estimator_params, fmt=fmt)
 
 
 class WeightQuantConfig(BaseQuantConfig):
     """Quantization of a layer's weights (default estimator: ``current_minmax``).
 
     ``WeightQuantConfig(n_bits=0, symmetric=True, per_channel=False,
-    range_estimator=RangeEstimators.current_minmax, range_estimator_params=None)``;
+    range_estimator=RangeEstimators.current_minmax, range_estimator_params=None, group_size=None, fmt="int")``;
     per-channel ranges are along dim 0 (output channels).
+
+    ``group_size`` (tquant's addition): one range (delta and zero point) per output channel and group of
+    ``group_size`` consecutive input features (``per_channel`` is then implied). It must be a power of two
+    >= 16 (the last group of a row may be shorter) or divide the layer's input features (checked when the
+    layer is converted); conv weights group ``group_size`` input channels, each with its whole kernel
+    (see :mod:`tquant.kernels.group_reference`). Estimators: ``current_minmax`` (without percentile),
+    ``allminmax``, ``running_minmax``, ``MSE``, and learned ranges.
     """
 
     def __init__(
@@ -264,12 +300,15 @@ class WeightQuantConfig(BaseQuantConfig):
         per_channel: bool = False,
         range_estimator: RangeEstimators = RangeEstimators.current_minmax,
         range_estimator_params: Any = None,
+        group_size: int | None = None,
+        fmt: str = "int",
     ):
-        super().__init__(n_bits, symmetric, range_estimator, range_estimator_params)
+        super().__init__(n_bits, symmetric, range_estimator, range_estimator_params, fmt=fmt)
         self.per_channel = per_channel
+        self.group_size = group_size
 
     def _fields(self) -> dict[str, Any]:
-        return {**super()._fields(), "per_channel": self.per_channel}
+        return {**super()._fields(), "per_channel": self.per_channel, "group_size": self.group_size}
 
 
 def _check_type(value: Any, cls: type, where: str) -> None:
@@ -395,10 +434,42 @@ def _estimator_options(cfg: BaseQuantConfig) -> dict[str, Any]:
     return {}
 
 
+def check_format(cfg: BaseQuantConfig) -> None:
+    """The cross-field rules of ``fmt`` and ``group_size`` (fields are set one at a time, so they are
+    checked when a layer is built): FP8 is 8-bit and symmetric, per tensor or per channel; groups take
+    the min/max estimators (no percentile) and MSE."""
+    name = type(cfg).__name__
+    if cfg.n_bits <= 0:
+        return
+    if cfg.fmt != "int":
+        if cfg.n_bits != 8:
+            raise QuantizationConfigError(f"{name}.fmt={cfg.fmt!r} is an 8-bit format: set n_bits=8, got {cfg.n_bits}")
+        if not cfg.symmetric:
+            raise QuantizationConfigError(f"{name}.fmt={cfg.fmt!r} has no zero point: set symmetric=True")
+        if getattr(cfg, "group_size", None) is not None:
+            raise QuantizationConfigError(f"{name}.group_size: group-wise scales are for fmt='int' weights")
+        if cfg.range_estimator in (RangeEstimators.MSE, RangeEstimators.cross_entropy):
+            raise QuantizationConfigError(
+                f"{name}.range_estimator={cfg.range_estimator.name} searches integer grids; FP8 takes "
+                "current_minmax, allminmax or running_minmax"
+            )
+    if getattr(cfg, "group_size", None) is not None:
+        est = cfg.range_estimator
+        if est == RangeEstimators.cross_entropy or (
+            est == RangeEstimators.current_minmax and cfg.range_estimator_params.percentile
+        ):
+            what = "cross_entropy" if est == RangeEstimators.cross_entropy else "a percentile"
+            raise QuantizationConfigError(
+                f"{name}.group_size: group-wise ranges do not support {what}; use current_minmax, allminmax, "
+                "running_minmax or MSE"
+            )
+
+
 def convert_weight_config_to_kwargs_dict(cfg: WeightQuantConfig) -> dict[str, Any]:
     """``WeightQuantConfig`` → the keyword arguments of :class:`~tquant.QuantizedModule`."""
+    check_format(cfg)
     current = cfg.range_estimator == RangeEstimators.current_minmax
-    return {
+    kwargs = {
         "method": QMethods.symmetric_uniform if cfg.symmetric else QMethods.asymmetric_uniform,
         "n_bits": cfg.n_bits,
         "per_channel_weights": cfg.per_channel,
@@ -406,19 +477,28 @@ def convert_weight_config_to_kwargs_dict(cfg: WeightQuantConfig) -> dict[str, An
         "weight_range_method": cfg.range_estimator,
         "weight_range_options": _estimator_options(cfg),
     }
+    if cfg.group_size is not None:  # tquant's additions, only when used: aihwkit's dict otherwise
+        kwargs["weight_group_size"] = cfg.group_size
+    if cfg.fmt != "int":
+        kwargs["weight_fmt"] = cfg.fmt
+    return kwargs
 
 
 def convert_act_config_to_kwargs_dict(cfg: ActivationQuantConfig) -> dict[str, Any]:
     """``ActivationQuantConfig`` → the keyword arguments of :class:`~tquant.QuantizedModule`."""
+    check_format(cfg)
     options = _estimator_options(cfg)
     if cfg.range_estimator == RangeEstimators.current_minmax:
         options["percentile"] = cfg.range_estimator_params.percentile
-    return {
+    kwargs = {
         "act_method": QMethods.symmetric_uniform if cfg.symmetric else QMethods.asymmetric_uniform,
         "n_bits_act": cfg.n_bits,
         "act_range_method": cfg.range_estimator,
         "act_range_options": options,
     }
+    if cfg.fmt != "int":
+        kwargs["act_fmt"] = cfg.fmt
+    return kwargs
 
 
 def convert_configs_to_kwargs_dict(cfg: QuantizationConfig) -> dict[str, Any]:

@@ -11,6 +11,9 @@ from . import kernels
 from .config import QMethods, RangeEstimators
 from .errors import QuantizerNotInitializedError
 from .kernels import backend as _backend
+from .kernels.fp8 import Fp8Call, fp8_finalize_range, fp8_update_range
+from .kernels.group_quant import GroupCall, group_update_range
+from .kernels.group_reference import group_shape
 from .kernels.quantizer_call import quantizer_call
 from .range_estimators import SEARCH_ESTIMATORS, _all_reduce_range
 
@@ -67,12 +70,15 @@ class QuantizationManager(nn.Module):
         self.sync_ranges = False
         self.process_group = None
         self.quantizer = qmethod.cls(per_channel=per_channel, axis=axis, n_channels=n_channels, **self.qparams)
+        q = self.quantizer
+        groups = {} if q.group_len is None else {"group_len": q.group_len, "state_shape": q.state_shape}
         self.range_estimator = init.cls(
-            per_channel=per_channel,
+            per_channel=q.per_channel,
             quantizer=self.quantizer if init in SEARCH_ESTIMATORS else None,
             axis=axis,
             n_groups=n_groups,
             n_channels=n_channels,
+            **groups,
             **self.init_params,
         )
         self._layer_name = ""
@@ -146,7 +152,15 @@ class QuantizationManager(nn.Module):
         """Checks and decisions that depend on ``x``'s layout, not its values: made once per layout."""
         self._check_input(x)
         q, est = self.quantizer, self.range_estimator
-        shape = (x.shape[0],) if q.per_channel else ()  # the range's; a per-tensor quantizer's parameters are [1]
+        if q.group_len is not None:
+            got = group_shape(x, q.group_len)
+            if (got[0], got[2]) != q.state_shape:
+                raise ValueError(
+                    f"{self.layer_name or 'QuantizationManager'}: group-wise quantizer of state {q.state_shape} "
+                    f"(output channels, groups of {q.group_len}) got an input of shape {tuple(x.shape)}"
+                )
+        # the range's shape; a per-tensor quantizer's parameters are [1]
+        shape = q.state_shape if q.group_len is not None else ((x.shape[0],) if q.per_channel else ())
         if q.per_channel and q.state_shape and tuple(shape) != q.state_shape:
             raise ValueError(
                 f"{self.layer_name or 'QuantizationManager'}: per-channel quantizer of {q.state_shape[0]} channels "
@@ -162,7 +176,12 @@ class QuantizationManager(nn.Module):
         state = ((q._parameters, "_delta"), (q._buffers if q.symmetric else q._parameters, "_zero_float"),
                  (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"))
         try:
-            call = quantizer_call(x, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum, state)
+            if q.group_len is not None:
+                call = GroupCall(x, q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, state)
+            elif q.fmt != "int":
+                call = Fp8Call(x, q.fmt, q.kernel_axis, est.fused_code, est.momentum, state)
+            else:
+                call = quantizer_call(x, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum, state)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise type(exc)(f"{self.layer_name or 'QuantizationManager'}: {exc}") from exc
         if len(self._calls) >= self.MAX_PLANS:
@@ -195,24 +214,36 @@ class QuantizationManager(nn.Module):
             est = self.range_estimator
             if est.fused_code is None or self.sync_ranges:
                 self._estimate(x)
+            elif q.group_len is not None:
+                group_update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float, q._signed,
+                                   q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, False)
+            elif q.fmt != "int":
+                fp8_update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q.fmt, q.kernel_axis,
+                                 est.fused_code, est.momentum, False)
             else:
                 kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                      q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,
                                      False)
-                q._initialized = True
+            q._initialized = True
         elif not q._initialized:
             raise QuantizerNotInitializedError(self.layer_name)
+        if q.group_len is not None or q.fmt != "int":
+            return q.forward(x)
         return kernels.fake_quant(x, q._delta, q._zero_float, q._signed, q.n_bits, q.symmetric, q.kernel_axis)
 
     def _estimate(self, x: torch.Tensor) -> None:
         """Range estimation off the fused path: search estimators, percentiles, synchronised ranges."""
         q, est = self.quantizer, self.range_estimator
         if est.fused_code is not None:  # sync_ranges: the batch range is all-reduced before the update
-            bmin, bmax = kernels.batch_minmax(x.detach(), q.kernel_axis)
+            bmin, bmax = est.batch_range(x)
             _all_reduce_range(bmin, bmax, self.process_group)
             with torch.no_grad():
-                kernels.finalize_range(bmin, bmax, est.current_xmin, est.current_xmax, q._delta, q._zero_float,
-                                       q._signed, q.n_bits, q.symmetric, est.fused_code, est.momentum, False)
+                if q.fmt != "int":
+                    fp8_finalize_range(bmin, bmax, est.current_xmin, est.current_xmax, q._delta, q.fmt,
+                                       est.fused_code, est.momentum, False)
+                else:
+                    kernels.finalize_range(bmin, bmax, est.current_xmin, est.current_xmax, q._delta, q._zero_float,
+                                           q._signed, q.n_bits, q.symmetric, est.fused_code, est.momentum, False)
             q.mark_initialized()
             return
         x_min, x_max = est(x)
@@ -242,7 +273,10 @@ class QuantizationManager(nn.Module):
         """The quantizer's constants for deployment (reads the device: not for the hot path).
 
         Returns ``{"scale": fp32 0-dim or [C], "zero_point": int64 like scale, "qmin": int,
-        "qmax": int, "axis": None or 0, "n_bits": int, "symmetric": bool, "signed": bool}``.
+        "qmax": int, "axis": None or 0, "n_bits": int, "symmetric": bool, "signed": bool, "fmt": str,
+        "group_len": int or None}``; group-wise scale and zero point are ``[C, n_groups]``
+        (``group_len`` elements of the weight's ``[C, K]`` view each); FP8 has zero point 0 and
+        ``qmin``/``qmax`` the format's ``-max``/``max`` (floats).
         """
         q = self.quantizer
         if not q.is_initialized:
@@ -253,12 +287,14 @@ class QuantizationManager(nn.Module):
         return {
             "scale": scale,
             "zero_point": zero_point,
-            "qmin": int(q.int_min),
-            "qmax": int(q.int_max),
+            "qmin": int(q.int_min) if q.fmt == "int" else q.int_min,
+            "qmax": int(q.int_max) if q.fmt == "int" else q.int_max,
             "axis": 0 if q.per_channel else None,
             "n_bits": q.n_bits,
             "symmetric": q.symmetric,
             "signed": bool(q._signed) if q.symmetric else False,
+            "fmt": q.fmt,
+            "group_len": q.group_len,
         }
 
     def extra_repr(self) -> str:

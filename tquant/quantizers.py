@@ -13,6 +13,11 @@ State (aihwkit-compatible names, so checkpoints keep their keys):
 - asymmetric: ``_zero_float`` (``nn.Parameter``), ``zp = clamp(round(zero_float), 0, 2^b - 1)``.
 - symmetric: ``_signed`` (bool buffer, one flag per quantizer): grid ``[-2^(b-1), 2^(b-1) - 1]``
   when the range reaches below zero, else ``[0, 2^b - 1]``.
+- group-wise (``group_size``, tquant's addition): ``_delta`` / ``_zero_float`` are ``[C, n_groups]`` from
+  construction (the weight's shape is given), one per output channel and group of input features
+  (:mod:`tquant.kernels.group_reference`); ``_signed`` is still one flag.
+- FP8 (``fmt="fp8_e4m3"`` / ``"fp8_e5m2"``, symmetric, 8 bits): ``scale = max(delta, eps)`` maps the
+  range onto the format's largest value (:mod:`tquant.kernels.fp8_reference`); no zero point.
 
 Whether a range was ever set is also tracked on the host (``is_initialized``), so the hot
 path never reads tensor values. The math lives in :mod:`tquant.kernels`.
@@ -26,8 +31,12 @@ import torch
 from torch import nn
 
 from . import kernels, sharded_state
-from .config import QMethods
+from .config import FORMATS, QMethods
 from .errors import QuantizerNotInitializedError
+from .kernels.fp8 import fp8_fake_quant
+from .kernels.fp8_reference import fp8_max, fp8_qparams_from_range
+from .kernels.group_quant import group_fake_quant
+from .kernels.group_reference import group_layout
 from .kernels.reference import EPS, grid_bounds, scale_and_zero_point
 from .registry import register_quantizer
 
@@ -50,8 +59,15 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
     symmetric: bool = True
 
     def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
-                 eps: float = EPS, n_channels: int | None = None):
+                 eps: float = EPS, n_channels: int | None = None, *, fmt: str = "int", group_size: int | None = None,
+                 weight_shape: tuple | None = None):
         super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"{type(self).__name__}.fmt: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        if fmt != "int" and (n_bits != 8 or not self.symmetric or group_size is not None):
+            raise ValueError(
+                f"{type(self).__name__}.fmt={fmt!r}: FP8 quantizers are symmetric, 8-bit and per tensor or per channel"
+            )
         if scale_domain != "linear":
             raise ValueError(f"{type(self).__name__}.scale_domain: only 'linear' is supported, got {scale_domain!r}")
         if axis not in (None, 0):
@@ -67,9 +83,19 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             raise ValueError(f"{type(self).__name__}.n_channels must be a non-negative int, got {n_channels!r}")
         self.layer_name = ""
         self._initialized = False
+        self.fmt = fmt
+        self.group_size = group_size
+        self.group_len: int | None = None
+        """Elements of a ``[C, K]`` row per group (``group_size`` times the kernel's size), or None."""
         self.state_shape: tuple = (n_channels,) if self.per_channel and n_channels is not None else ()
         if not self.per_channel:
             self.state_shape = (1,)
+        if group_size is not None:
+            if weight_shape is None:
+                raise ValueError(f"{type(self).__name__}.group_size needs the weight's shape (weight_shape=...)")
+            self.group_len, n_groups = group_layout(weight_shape, group_size)
+            self.per_channel = True
+            self.state_shape = (int(weight_shape[0]), n_groups)
         self._delta = nn.Parameter(torch.full(self.state_shape, math.nan), requires_grad=False)
 
     # -- state -----------------------------------------------------------------------------
@@ -128,12 +154,17 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
 
     @property
     def int_min(self) -> float:
+        """The lowest grid value (FP8: ``-max`` of the format)."""
         self._require_initialized()
+        if self.fmt != "int":
+            return -fp8_max(self.fmt)
         return float(grid_bounds(self.n_bits, self.symmetric, self._signed)[0])
 
     @property
     def int_max(self) -> float:
         self._require_initialized()
+        if self.fmt != "int":
+            return fp8_max(self.fmt)
         return float(grid_bounds(self.n_bits, self.symmetric, self._signed)[1])
 
     @property
@@ -156,7 +187,16 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             )
         if not self.per_channel:
             x_min, x_max = x_min.reshape(1), x_max.reshape(1)
-        delta, zero_float, signed = kernels.qparams_from_range(x_min, x_max, self.n_bits, self.symmetric)
+        if self.group_len is not None and tuple(x_min.shape) != self.state_shape:
+            raise ValueError(
+                f"{self.layer_name or type(self).__name__}: a group-wise range has shape {self.state_shape} "
+                f"(output channels, groups), got {tuple(x_min.shape)}"
+            )
+        if self.fmt != "int":
+            delta = fp8_qparams_from_range(x_min, x_max, self.fmt)
+            zero_float, signed = torch.zeros_like(delta), torch.zeros((), dtype=torch.bool, device=delta.device)
+        else:
+            delta, zero_float, signed = kernels.qparams_from_range(x_min, x_max, self.n_bits, self.symmetric)
         self.ensure_state(tuple(delta.shape), delta.device)
         with torch.no_grad():
             self._delta.copy_(delta)
@@ -184,6 +224,11 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
     def forward(self, x_float: torch.Tensor) -> torch.Tensor:
         """Fake-quantize with the current range (``x``'s shape and dtype)."""
         self._require_initialized()
+        if self.group_len is not None:
+            return group_fake_quant(x_float, self._delta, self._zero_float, self._signed, self.n_bits, self.symmetric,
+                                    self.group_len)
+        if self.fmt != "int":
+            return fp8_fake_quant(x_float, self._delta, self.fmt, self.kernel_axis)
         return kernels.fake_quant(
             x_float, self._delta, self._zero_float, self._signed, self.n_bits, self.symmetric, self.kernel_axis
         )
@@ -202,9 +247,11 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             initialized = bool(not torch.isnan(values).all()) if values.numel() else True
             if self.state_shape and tuple(delta.shape) != self.state_shape:
                 if initialized:
+                    what = f"{self.state_shape[0]} channels" if len(self.state_shape) == 1 else (
+                        f"shape {self.state_shape} (output channels, groups)")
                     error_msgs.append(
                         f"{self.layer_name or prefix.rstrip('.')}: the checkpoint's per-channel range has shape "
-                        f"{tuple(delta.shape)}, this quantizer has {self.state_shape[0]} channels"
+                        f"{tuple(delta.shape)}, this quantizer has {what}"
                     )
                 else:  # an uninitialised quantizer saved before shapes were fixed (0-dim NaN)
                     state_dict[prefix + "_delta"] = torch.full(self.state_shape, math.nan)
@@ -225,8 +272,10 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
                 missing_keys.remove(key)
 
     def extra_repr(self) -> str:
+        extra = (f", fmt={self.fmt!r}" if self.fmt != "int" else "") + (
+            f", group_size={self.group_size}" if self.group_size is not None else "")
         return (
-            f"n_bits={self.n_bits}, per_channel={self.per_channel}, symmetric={self.symmetric}, "
+            f"n_bits={self.n_bits}, per_channel={self.per_channel}, symmetric={self.symmetric}{extra}, "
             f"is_initialized={self.is_initialized}"
         )
 
@@ -238,8 +287,8 @@ class SymmetricUniformQuantizer(QuantizerBase):
     symmetric = True
 
     def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
-                 eps: float = EPS, n_channels: int | None = None):
-        super().__init__(n_bits, scale_domain, per_channel, axis, eps, n_channels)
+                 eps: float = EPS, n_channels: int | None = None, **kwargs):
+        super().__init__(n_bits, scale_domain, per_channel, axis, eps, n_channels, **kwargs)
         self.register_buffer("_signed", torch.zeros((), dtype=torch.bool), persistent=True)
         self.register_buffer("_zero_float", torch.zeros(self.state_shape), persistent=False)
 
@@ -251,8 +300,8 @@ class AsymmetricUniformQuantizer(QuantizerBase):
     symmetric = False
 
     def __init__(self, n_bits: int, scale_domain: str = "linear", per_channel: bool = False, axis=None,
-                 eps: float = EPS, n_channels: int | None = None):
-        super().__init__(n_bits, scale_domain, per_channel, axis, eps, n_channels)
+                 eps: float = EPS, n_channels: int | None = None, **kwargs):
+        super().__init__(n_bits, scale_domain, per_channel, axis, eps, n_channels, **kwargs)
         self._zero_float = nn.Parameter(torch.full(self.state_shape, math.nan), requires_grad=False)
         self.register_buffer("_signed", torch.zeros((), dtype=torch.bool), persistent=False)
 

@@ -12,6 +12,7 @@ synchronisation (two passes in total with the fake quant); ``forward`` is aihwki
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import kernels
 from .config import OptMethod, RangeEstimators
+from .kernels.group_quant import group_minmax, group_rows
 from .kernels.reference import update_range_reference
 from .quantizers import Fp32StateMixin
 from .registry import register_range_estimator
@@ -31,21 +33,28 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
     ``current_xmin`` / ``current_xmax`` are fp32 buffers that exist from construction: 0-dim per
     tensor, ``[n_channels]`` per channel when the channel count is given (else sized by the first
     batch), NaN while there is no range yet (aihwkit keeps ``None`` there; a fixed shape lets the
-    first, initialising step trace to the same graph as every later one).
+    first, initialising step trace to the same graph as every later one). A group-wise estimator
+    (``group_len``, ``state_shape`` ``[C, n_groups]``: tquant's addition) keeps one range per output channel
+    and group (:mod:`tquant.kernels.group_reference`).
     """
 
     fused_code: int | None = None
     """The ``tquant::update_range`` estimator code, or None when this estimator is not fusable."""
 
     def __init__(self, per_channel: bool = False, quantizer=None, axis=None, n_groups=None,
-                 n_channels: int | None = None):
+                 n_channels: int | None = None, *, group_len: int | None = None, state_shape: tuple | None = None):
         super().__init__()
         if axis not in (None, 0):
             raise ValueError(f"{type(self).__name__}.axis: only dim 0 is supported, got {axis!r}")
         if n_groups is not None:
             raise ValueError(f"{type(self).__name__}.n_groups: grouped ranges are not supported")
-        self.per_channel = per_channel or axis == 0
+        if (group_len is None) != (state_shape is None):
+            raise ValueError(f"{type(self).__name__}: group_len and state_shape go together")
+        self.group_len = group_len
+        self.per_channel = per_channel or axis == 0 or group_len is not None
         shape = (n_channels,) if self.per_channel and n_channels is not None else ()
+        if state_shape is not None:
+            shape = tuple(state_shape)
         self.register_buffer("current_xmin", torch.full(shape, math.nan))
         self.register_buffer("current_xmax", torch.full(shape, math.nan))
         self.axis = axis
@@ -100,8 +109,14 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
         self.current_xmin = torch.full(shape, math.nan, device=device)
         self.current_xmax = torch.full(shape, math.nan, device=device)
 
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of the finite values of ``x``: per tensor, channel or group (no update)."""
+        if self.group_len is not None:
+            return group_minmax(x.detach(), self.group_len)
+        return kernels.batch_minmax(x.detach(), self.kernel_axis)
+
     def _minmax_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bmin, bmax = kernels.batch_minmax(x.detach(), self.kernel_axis)
+        bmin, bmax = self.batch_range(x)
         self.ensure_range_buffers(tuple(bmin.shape), bmin.device)
         new_min, new_max = update_range_reference(
             bmin, bmax, self.current_xmin, self.current_xmax, self.fused_code, self.momentum
@@ -157,6 +172,8 @@ class CurrentMinMaxEstimator(RangeEstimatorBase):
         super().__init__(*args, **kwargs)
         if percentile is not None and not 0 <= percentile < 50:
             raise ValueError(f"CurrentMinMaxEstimator.percentile must be in [0, 50), got {percentile!r}")
+        if percentile and self.group_len is not None:
+            raise ValueError("CurrentMinMaxEstimator.percentile: group-wise ranges take the plain min/max")
         self.percentile = percentile
         self.fused_code = kernels.ESTIMATOR_CURRENT if not percentile else None
 
@@ -222,6 +239,8 @@ class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
         super().__init__(*args, **kwargs)
         if self.quantizer is None:
             raise ValueError(f"{type(self).__name__} needs the quantizer it estimates for (quantizer=...)")
+        if self.group_len is not None and self.loss_name != "mse":
+            raise ValueError(f"{type(self).__name__}: group-wise ranges take the MSE search, not {self.loss_name}")
         if not isinstance(opt_method, OptMethod):
             raise ValueError(f"{type(self).__name__}.opt_method must be an OptMethod, got {opt_method!r}")
         import math
@@ -256,9 +275,14 @@ class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
         q = self.quantizer
         data = x.detach()
         try:
+            if self.group_len is not None:  # each group a row: its search is the per-channel search
+                data = group_rows(data, self.group_len)
             if self.space is None:
-                self.space = rs.define_search_space(data, q.n_bits, q.symmetric, self.per_channel,
-                                                    self.num_candidates, self.range_margin)
+                self.space = rs.define_search_space(x.detach().reshape(x.shape[0], -1) if self.group_len else data,
+                                                    q.n_bits, q.symmetric, self.per_channel, self.num_candidates,
+                                                    self.range_margin)
+                if self.group_len is not None:
+                    self.space = dataclasses.replace(self.space, channels=data.shape[0])
             if self.opt_method == OptMethod.grid:
                 losses = rs.grid_losses(data, self.space, q.n_bits, q.symmetric, loss=self.loss_name)
                 self.loss_array = losses if self.loss_array is None else self.loss_array.add_(losses)
@@ -271,6 +295,8 @@ class MSE_Estimator(RangeEstimatorBase):  # noqa: N801 - aihwkit's name
             raise ValueError(f"{layer}: {type(self).__name__}: {err}") from err
         if not self.per_channel:
             x_min, x_max = x_min.reshape(()), x_max.reshape(())
+        elif self.group_len is not None:
+            x_min, x_max = x_min.reshape(self.current_xmin.shape), x_max.reshape(self.current_xmin.shape)
         self.current_xmin, self.current_xmax = x_min, x_max
         return x_min, x_max
 

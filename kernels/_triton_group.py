@@ -1,0 +1,331 @@
+"""Triton kernels of the ``tquant::group_*`` ops (group-wise quantization, ``group_reference.py``).
+
+The tensor is the contiguous ``[C, K]`` view; group ``q`` (``0 <= q < C * n_groups``, row-major over
+``[C, n_groups]``, so ``q`` also indexes the parameters) covers row ``q // n_groups``, columns
+``(q % n_groups) * L`` up to ``L`` further (fewer in a row's last group). A program takes ``BLOCK_G``
+groups and ``BLOCK_T`` columns of each: the elementwise kernel one such tile (grid: group blocks x
+column chunks), the reductions every chunk of their groups (a loop), so no group is split across
+programs and no partial sums are needed.
+
+Launches: ``group_update_range`` is one launch for asymmetric quantizers (each program writes its
+groups' range, ``delta`` and ``zero_float``) and two for symmetric ones, whose grid depends on the
+sign of every group (one flag per quantizer): the range kernel folds its programs' signs into a
+device flag with an atomic max and the last program to arrive (an arrival counter) publishes
+``signed`` and resets both, with no host synchronisation; a second, elementwise kernel then computes
+``delta``. ``group_fake_quant`` is one launch; its LSQ gradients one more.
+
+Numerics are the reference's bit for bit (``tl.math.div_rn``, the portable round half to even, NaN-
+and signed-zero-faithful min/max/clamp from ``_triton_fake_quant``, no FMA contraction).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import tl, triton
+from ._triton_fake_quant import (
+    _clamp,
+    _device_ctx,
+    _launch_opts,
+    _maximum,
+    _minimum,
+    _next_pow2,
+    _qparams,
+    _round_half_even,
+)
+from ._triton_range import _ema
+from .group_reference import group_shape
+from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
+
+__all__ = [
+    "group_fake_quant_triton",
+    "group_minmax_triton",
+    "group_range_grads_triton",
+    "group_update_range_triton",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Elements of one tile; the columns of a group per step. Tests shrink them to exercise the loops.
+_MAX_TILE = 2048
+_MAX_BLOCK_T = 1024
+
+_RULE_BATCH, _RULE_ALL, _RULE_EMA = 0, 1, 2
+
+
+@triton.jit
+def _group_tile(q, t, NG, K, L, Q):
+    """Offsets into ``[C, K]`` and the mask of columns ``t`` (``[BLOCK_T]``) of groups ``q`` (``[BLOCK_G]``)."""
+    r = q // NG
+    col = (q - r * NG)[:, None] * L + t[None, :]
+    m = (q < Q)[:, None] & (t < L)[None, :] & (col < K)
+    return r[:, None] * K + col, m
+
+
+@triton.jit
+def _group_fake_quant_kernel(
+    p_x, p_y, p_mask, p_delta, p_zf, p_signed,
+    Q, NG, K, L, full, half,
+    SYMMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One ``[BLOCK_G, BLOCK_T]`` tile of ``y = scale * (clamp(round(x / scale) + zp, qmin, qmax) - zp)``."""
+    q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs, m = _group_tile(q, t, NG, K, L, Q)
+    scale, zp, qmin, qmax = _qparams(p_delta, p_zf, p_signed, q, q < Q, full, half, SYMMETRIC, True)
+    x = tl.load(p_x + offs, mask=m, other=0.0).to(tl.float32)
+    v = _round_half_even(tl.math.div_rn(x, scale)) + zp
+    y = scale * (_clamp(v, qmin, qmax) - zp)
+    tl.store(p_y + offs, y.to(p_y.dtype.element_ty), mask=m)
+    if HAS_MASK:
+        tl.store(p_mask + offs, ((v >= qmin) & (v <= qmax)).to(tl.uint8), mask=m)
+
+
+@triton.jit
+def _group_batch_range(p_x, q, NG, K, L, Q, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Min and max (``[BLOCK_G]``) of the finite values of groups ``q``: +inf / -inf where none, a zero +0.0."""
+    lo = tl.full([BLOCK_G, BLOCK_T], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_G, BLOCK_T], float("-inf"), tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        offs, m = _group_tile(q, t, NG, K, L, Q)
+        x = tl.load(p_x + offs, mask=m, other=0.0).to(tl.float32)
+        ok = m & (tl.abs(x) < float("inf"))  # NaN and +-inf are left out
+        lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
+        hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+    return tl.min(lo, axis=1) + 0.0, tl.max(hi, axis=1) + 0.0
+
+
+@triton.jit
+def _group_minmax_kernel(p_x, p_bmin, p_bmax, Q, NG, K, L, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
+    q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    bmin, bmax = _group_batch_range(p_x, q, NG, K, L, Q, BLOCK_G, BLOCK_T)
+    tl.store(p_bmin + q, bmin, mask=q < Q)
+    tl.store(p_bmax + q, bmax, mask=q < Q)
+
+
+@triton.jit
+def _group_range_kernel(
+    p_x, p_rmin, p_rmax, p_delta, p_zf, p_signed, p_work,
+    Q, NG, K, L, N_PROGRAMS, one_minus_m, m, full,
+    SYMMETRIC: tl.constexpr, RULE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Batch range of each group, the estimator's update (``update_range_reference``), then, asymmetric,
+    ``delta`` and ``zero_float``; symmetric, the sign flag (``p_work``: ``[neg, arrivals]``, 0 between
+    launches; the last program to arrive stores ``signed`` and resets them)."""
+    q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    qmask = q < Q
+    new_min, new_max = _group_batch_range(p_x, q, NG, K, L, Q, BLOCK_G, BLOCK_T)
+    if RULE != 0:
+        old_min = tl.load(p_rmin + q, mask=qmask, other=0.0)
+        old_max = tl.load(p_rmax + q, mask=qmask, other=0.0)
+        if RULE == 1:
+            upd_min = _minimum(old_min, new_min)
+            upd_max = _maximum(old_max, new_max)
+        else:
+            upd_min = _ema(new_min, old_min, one_minus_m, m)
+            upd_max = _ema(new_max, old_max, one_minus_m, m)
+        new_min = tl.where(old_min != old_min, new_min, upd_min)  # NaN: no range yet
+        new_max = tl.where(old_max != old_max, new_max, upd_max)
+    tl.store(p_rmin + q, new_min, mask=qmask)
+    tl.store(p_rmax + q, new_max, mask=qmask)
+    x_min = _minimum(new_min, 0.0)
+    if SYMMETRIC:
+        neg = tl.max(tl.where(qmask & (x_min < 0.0), 1, 0), axis=0)
+        tl.atomic_max(p_work, neg, sem="release")
+        done = tl.atomic_add(p_work + 1, 1, sem="acq_rel")
+        if done == N_PROGRAMS - 1:
+            signed = tl.atomic_xchg(p_work, 0, sem="acquire")
+            tl.store(p_signed, (signed > 0).to(tl.uint8))
+            tl.store(p_work + 1, 0)
+    else:
+        x_max = _maximum(new_max, 1e-8)
+        delta = tl.math.div_rn(x_max - x_min, full)
+        tl.store(p_delta + q, delta, mask=qmask)
+        # x * -1.0, not -x: compiled Triton negates as 0 - x (+0.0 for +0.0), torch's -x gives -0.0
+        tl.store(p_zf + q, tl.math.div_rn(x_min * -1.0, delta), mask=qmask)
+
+
+@triton.jit
+def _group_symmetric_qparams_kernel(p_rmin, p_rmax, p_delta, p_zf, p_signed, Q, full, half,
+                                    BLOCK: tl.constexpr):
+    """Symmetric ``delta = max(|x_min|, x_max) / qmax`` per group, once ``signed`` is known; ``zero_float = 0``."""
+    q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    qmask = q < Q
+    x_min = _minimum(tl.load(p_rmin + q, mask=qmask, other=0.0), 0.0)
+    x_max = _maximum(tl.load(p_rmax + q, mask=qmask, other=0.0), 1e-8)
+    qmax = tl.where(tl.load(p_signed) != 0, half - 1.0, full)
+    tl.store(p_delta + q, tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax), mask=qmask)
+    tl.store(p_zf + q, tl.zeros([BLOCK], dtype=tl.float32), mask=qmask)
+
+
+@triton.jit
+def _group_range_grads_kernel(
+    p_g, p_x, p_delta, p_zf, p_signed, p_gd, p_gz,
+    Q, NG, K, L, full, half,
+    SYMMETRIC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """LSQ gradients of each group's ``delta`` / ``zero_float`` (``fake_quant_range_grads`` per group)."""
+    q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    qmask = q < Q
+    scale, zp, qmin, qmax = _qparams(p_delta, p_zf, p_signed, q, qmask, full, half, SYMMETRIC, True)
+    acc_s = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        offs, m = _group_tile(q, t, NG, K, L, Q)
+        x = tl.load(p_x + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(p_g + offs, mask=m, other=0.0).to(tl.float32)
+        xs = tl.math.div_rn(x, scale)
+        v = _round_half_even(xs) + zp
+        inside = (v >= qmin) & (v <= qmax)
+        c = _clamp(v, qmin, qmax) - zp
+        # y = s * (c - zp): dy/ds = (c - zp) - inside * x / s ; dy/dzp = s * (inside - 1)
+        acc_s += tl.where(m, g * tl.where(inside, c - xs, c), 0.0)
+        if not SYMMETRIC:
+            acc_z += tl.where(m, tl.where(inside, 0.0, g * -1.0) * scale, 0.0)
+    delta = tl.load(p_delta + q, mask=qmask, other=1.0)
+    tl.store(p_gd + q, tl.sum(acc_s, axis=1) * tl.where(delta >= 1e-8, 1.0, 0.0), mask=qmask)
+    if SYMMETRIC:
+        tl.store(p_gz + q, tl.zeros([BLOCK_G], dtype=tl.float32), mask=qmask)
+    else:
+        rz = _round_half_even(tl.load(p_zf + q, mask=qmask, other=0.0))
+        tl.store(p_gz + q, tl.sum(acc_z, axis=1) * tl.where((rz >= 0.0) & (rz <= full), 1.0, 0.0), mask=qmask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(q: int, group_len: int) -> tuple[int, int, int]:
+    """``(BLOCK_G, BLOCK_T, num_warps)``: a group's columns (up to ``_MAX_BLOCK_T``), as many groups as fit."""
+    block_t = min(_next_pow2(max(group_len, 1)), _MAX_BLOCK_T)
+    block_g = min(_next_pow2(max(q, 1)), max(1, _MAX_TILE // block_t))
+    tile = block_g * block_t
+    return block_g, block_t, 8 if tile >= 2048 else (4 if tile >= 256 else 1)
+
+
+def _as_rows(x: torch.Tensor, group_len: int, op: str) -> tuple[torch.Tensor, int, int, int]:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    c, k, ng = group_shape(x, group_len)
+    return x.reshape(c, k).contiguous(), c, k, ng
+
+
+def _grid_consts(n_bits: int) -> tuple[float, float]:
+    if not isinstance(n_bits, int) or not 1 <= n_bits <= 16:
+        raise ValueError(f"group quantization: n_bits must be an int in 1..16, got {n_bits!r}")
+    return float(2**n_bits - 1), float(2 ** (n_bits - 1))
+
+
+def _u8(signed: torch.Tensor) -> torch.Tensor:
+    if signed.dtype != torch.bool or signed.dim() != 0:
+        raise ValueError(f"signed must be a 0-dim bool tensor, got {signed.dtype} of shape {tuple(signed.shape)}")
+    return signed.view(torch.uint8)
+
+
+def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric: bool, group_len: int,
+                            with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``group_fake_quant`` in one launch: ``(y, mask)``, both contiguous in ``x``'s shape (mask empty
+    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference."""
+    xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant")
+    full, half = _grid_consts(n_bits)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if with_mask else x.new_empty(0, dtype=torch.bool)
+    q = c * ng
+    if q and k:
+        block_g, block_t, warps = _blocks(q, group_len)
+        grid = (triton.cdiv(q, block_g), triton.cdiv(group_len, block_t))
+        with _device_ctx(x):
+            _group_fake_quant_kernel[grid](
+                xr, y, mask.view(torch.uint8) if with_mask else y, delta.contiguous(), zero_float.contiguous(),
+                _u8(signed), q, ng, k, group_len, full, half,
+                SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), BLOCK_G=block_g, BLOCK_T=block_t,
+                num_warps=warps, **_launch_opts(),
+            )
+    return y, mask
+
+
+def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max (fp32 ``[C, n_groups]``) of the finite values of each group: one launch."""
+    xr, c, k, ng = _as_rows(x.detach(), group_len, "group_minmax")
+    bmin = torch.empty((c, ng), dtype=torch.float32, device=x.device)
+    bmax = torch.empty((c, ng), dtype=torch.float32, device=x.device)
+    q = c * ng
+    if q:
+        block_g, block_t, warps = _blocks(q, group_len)
+        with _device_ctx(x):
+            _group_minmax_kernel[(triton.cdiv(q, block_g),)](xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g,
+                                                               BLOCK_T=block_t, num_warps=warps, **_launch_opts())
+    return bmin, bmax
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    """``[neg, arrivals]`` int32 of the symmetric range kernel, per device: 0 between launches (the
+    kernel's last program resets them), so it is allocated once, outside any CUDA-graph capture."""
+    work = _WORKSPACES.get(device)
+    if work is None:
+        work = _WORKSPACES[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return work
+
+
+def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
+                              group_len: int, estimator: int, momentum: float, first: bool) -> None:
+    """``group_update_range`` (see ``group_quant.py``): one launch (asymmetric) or two (symmetric), no host
+    synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim)."""
+    xr, c, k, ng = _as_rows(x.detach(), group_len, "group_update_range")
+    full, half = _grid_consts(n_bits)
+    if estimator not in (ESTIMATOR_CURRENT, ESTIMATOR_ALL, ESTIMATOR_RUNNING):
+        raise ValueError(f"group_update_range: unknown estimator code {estimator}")
+    for name, t in (("range_min", range_min), ("range_max", range_max), ("delta", delta), ("zero_float", zero_float)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"group_update_range: {name} must be a contiguous float32 tensor, got {t.dtype}")
+    if first or estimator == ESTIMATOR_CURRENT:
+        rule = _RULE_BATCH
+    else:
+        rule = _RULE_ALL if estimator == ESTIMATOR_ALL else _RULE_EMA
+    q = c * ng
+    signed_u8 = _u8(signed)
+    block_g, block_t, warps = _blocks(q, group_len)
+    n_programs = triton.cdiv(q, block_g)
+    with _device_ctx(x):
+        if q == 0:
+            if symmetric:
+                signed.fill_(False)
+            return
+        _group_range_kernel[(n_programs,)](
+            xr, range_min, range_max, delta, zero_float, signed_u8, _workspace(x.device),
+            q, ng, k, group_len, n_programs, 1.0 - momentum, momentum, full,
+            SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
+            **_launch_opts(),
+        )
+        if symmetric:
+            block = min(_next_pow2(q), 1024)
+            _group_symmetric_qparams_kernel[(triton.cdiv(q, block),)](
+                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_launch_opts(),
+            )
+
+
+def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, symmetric: bool,
+                             group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ gradients ``(grad_delta, grad_zero_float)`` (fp32 ``[C, n_groups]``) of ``group_fake_quant``:
+    one launch, each group summed by one program (deterministic)."""
+    xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant_range_grads")
+    if grad.shape != x.shape:
+        raise ValueError(f"group_fake_quant_range_grads: grad {tuple(grad.shape)} != x {tuple(x.shape)}")
+    full, half = _grid_consts(n_bits)
+    grad_delta = torch.empty((c, ng), dtype=torch.float32, device=x.device)
+    grad_zf = torch.empty((c, ng), dtype=torch.float32, device=x.device)
+    q = c * ng
+    if q:
+        block_g, block_t, warps = _blocks(q, group_len)
+        with _device_ctx(x):
+            _group_range_grads_kernel[(triton.cdiv(q, block_g),)](
+                grad.reshape(c, k).contiguous(), xr, delta.contiguous(), zero_float.contiguous(), _u8(signed),
+                grad_delta, grad_zf, q, ng, k, group_len, full, half,
+                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_launch_opts(),
+            )
+    return grad_delta, grad_zf
