@@ -1,8 +1,8 @@
 """FSDP2: a converted language model shards with ``fully_shard`` as it is and trains like one process.
 
 Two gloo ranks on the CPU shard a small :class:`~tquant.lm.ByteLM` per block and at the root
-(4-bit per-channel weights, an 8-bit asymmetric per-tensor weight, 8-bit output quantizers
-synchronised with ``convert_sync_ranges``), train it for three steps with estimated ranges and
+(4-bit per-channel and group-wise weights, an 8-bit asymmetric per-tensor weight, 8-bit output
+quantizers synchronised with ``convert_sync_ranges``), train it for three steps with estimated ranges and
 two with learned ones, each rank on its half of every batch. The mean loss of the two ranks at
 every step must equal the loss of one process training the same model on the whole batches (to
 float rounding), every quantizer's state must be the same on both ranks, bit for bit, and equal
@@ -40,8 +40,9 @@ def _free_port() -> int:
 
 
 def qmodel() -> torch.nn.Module:
-    """The converted test model (seeded): every projection 4-bit per-channel weights, one 8-bit
-    asymmetric per-tensor weight, two 8-bit output quantizers (asymmetric and symmetric)."""
+    """The converted test model (seeded): 4-bit per-channel weights, asymmetric 4-bit group-wise
+    ones (groups of 16) in the MLPs' up projections, one 8-bit asymmetric per-tensor weight, two
+    8-bit output quantizers (asymmetric and symmetric)."""
     torch.manual_seed(0)
     qmap = tquant.QuantizationMap(excluded_modules=["embed"])
     qmap.default_qconfig = tquant.QuantizationConfig(
@@ -52,6 +53,10 @@ def qmodel() -> torch.nn.Module:
     qmap.instance_qconfig_map["layers.1.attn.o_proj"] = tquant.QuantizedModuleConfig(
         tquant.QuantLinear, tquant.QuantizationConfig(tquant.ActivationQuantConfig(8, True),
                                                       tquant.WeightQuantConfig(4, True, True)))
+    for i in range(CONFIG.n_layers):
+        qmap.instance_qconfig_map[f"layers.{i}.mlp.up_proj"] = tquant.QuantizedModuleConfig(
+            tquant.QuantLinear, tquant.QuantizationConfig(tquant.ActivationQuantConfig(0),
+                                                          tquant.WeightQuantConfig(4, False, group_size=16)))
     tquant.append_default_conversions(qmap)
     return tquant.convert_sync_ranges(tquant.convert_to_quantized(ByteLM(CONFIG), qmap))
 
@@ -166,7 +171,8 @@ def test_quantizer_state_is_the_same_on_both_ranks_and_as_one_process(runs):
         a, b = r0["state"][name], r1["state"][name]
         assert a.shape == b.shape and torch.equal(a.isnan(), b.isnan()), name
         assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} differs between the ranks"
-        torch.testing.assert_close(a, single["state"][name], rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+        # learned ranges' gradients sum over whole tensors, which the ranks add in another order
+        torch.testing.assert_close(a, single["state"][name], rtol=1e-4, atol=1e-6, equal_nan=True, msg=name)
     ranged = [n for n, t in r0["state"].items() if n.endswith("_delta") and not t.isnan().any()]
     assert len(ranged) == 7 * CONFIG.n_layers + 1 + 2, "every weight quantizer and both output quantizers"
     torch.testing.assert_close(r0["logits"], single["logits"], rtol=1e-4, atol=1e-4)
