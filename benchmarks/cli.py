@@ -1,4 +1,4 @@
-"""``tquant bench quantizer|qat|onnx|search [--quick] ...``: run the benchmarks from the command line."""
+"""``tquant bench quantizer|qat|onnx|search|lm [--quick] ...``: run the benchmarks from the command line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ BENCHES = {
     "qat": ("tquant.benchmarks.bench_qat", "QAT training step overhead over float: tquant vs torch.ao"),
     "onnx": ("tquant.benchmarks.bench_onnx", "onnxruntime latency: tquant int8 vs float vs quantize_static"),
     "search": ("tquant.benchmarks.bench_search", "MSE / cross-entropy range searches: tquant vs aihwkit"),
+    "lm": ("tquant.benchmarks.bench_lm", "a small language model: W4 g128 RTN vs QAT vs float, in onnxruntime"),
 }
 
 
