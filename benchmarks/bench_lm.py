@@ -58,8 +58,9 @@ COLUMNS = [
     ("prefill_vs_fp32", "prefill speed-up", ".2f"), ("matmulnbits", "MatMulNBits / linear", ""),
 ]
 TARGETS = {"recovery": 0.5, "ort_agree": 99.0, "size_vs_fp32": 20.0, "decode_vs_fp32": 2.0}
-"""Issue 20's acceptance: QAT recovers >= half of RTN's perplexity loss, ORT agrees on >= 99 % of next
-tokens, the W4 file is <= 20 % of fp32, one decode step >= 2x faster than fp32, MatMulNBits per linear."""
+"""Issue 20's acceptance: QAT recovers >= half of RTN's perplexity loss (:func:`recovery`, same steps),
+ORT agrees on >= 99 % of next tokens, the W4 file is <= 20 % of fp32, one decode step >= 2x faster than
+fp32, and a MatMulNBits per linear layer."""
 
 
 @dataclass(frozen=True)
@@ -270,12 +271,19 @@ def run(s: Settings, cache: Path | None) -> tuple[list[dict], dict]:
     return rows, facts
 
 
-def recovery(rows: list[dict], reference: str = "float") -> float:
-    """Share of RTN's perplexity loss that QAT wins back (1: all of it; above 1: better than the
-    reference), measured from the row whose ``role`` is ``reference`` (``float`` or ``control``)."""
+def recovery(rows: list[dict]) -> dict[str, float]:
+    """What QAT wins back of the perplexity RTN loses against float (1: all of it).
+
+    ``same_steps``: QAT's loss against the float model trained as many steps (``float +N``), as a
+    share of RTN's loss against ``float`` — ``1 - (qat - control) / (rtn - float)``: the comparison
+    that does not credit QAT for its extra training steps. ``vs_float``: ``(rtn - qat) / (rtn - float)``,
+    the issue's wording, which does (above 1 when the extra steps improve the model).
+    """
     ppl = {r["role"]: r["val_ppl"] for r in rows}
-    lost = ppl["rtn"] - ppl[reference]
-    return (ppl["rtn"] - ppl["qat"]) / lost if lost > 0 else float("nan")
+    lost = ppl["rtn"] - ppl["float"]
+    if lost <= 0:
+        return {"same_steps": float("nan"), "vs_float": float("nan")}
+    return {"same_steps": 1 - (ppl["qat"] - ppl["control"]) / lost, "vs_float": (ppl["rtn"] - ppl["qat"]) / lost}
 
 
 def checks(rows: list[dict]) -> list[str]:
@@ -283,10 +291,10 @@ def checks(rows: list[dict]) -> list[str]:
     qat = next(r for r in rows if r["role"] == "qat")
     n_linear = qat["linear_layers"]
     fused = all(int(n) == n_linear for n in qat["matmulnbits"].split(" of ")[0].split(" / "))
-    rec = recovery(rows)
+    rec = recovery(rows)["same_steps"]
     items = [
-        (f"QAT recovers {100 * rec:.0f}% of the perplexity RTN loses vs float (>= 50%)",
-         rec >= TARGETS["recovery"]),
+        (f"QAT recovers {100 * rec:.0f}% of the perplexity RTN loses vs float, each against float at the "
+         "same training steps (>= 50%)", rec >= TARGETS["recovery"]),
         (f"onnxruntime agrees with PyTorch on {qat['ort_agree']:.2f}% of next tokens (>= 99%)",
          qat["ort_agree"] >= TARGETS["ort_agree"]),
         (f"W4 file is {qat['size_vs_fp32']:.1f}% of fp32 (<= 20%)", qat["size_vs_fp32"] <= TARGETS["size_vs_fp32"]),
@@ -298,7 +306,8 @@ def checks(rows: list[dict]) -> list[str]:
 
 
 def notes(rows: list[dict], facts: dict, s: Settings) -> list[str]:
-    control = recovery(rows, "control")
+    ppl = {r["role"]: r["val_ppl"] for r in rows}
+    rec = recovery(rows)
     trained = "cached" if facts["float"]["cached"] else "trained"
     return [
         f"corpus: {facts['corpus']}",
@@ -306,12 +315,14 @@ def notes(rows: list[dict], facts: dict, s: Settings) -> list[str]:
         f"{s.seq_len} bytes (AdamW, peak lr {s.float_lr}, cosine) in {facts['float']['train_s']:.0f} s; QAT and the "
         f"float control {s.qat_steps} steps (peak lr {s.qat_lr}); validation: {s.val_windows} windows of "
         f"{s.seq_len} bytes",
-        f"against the float model trained as many steps as QAT (float +{s.qat_steps}), QAT recovers "
-        f"{100 * control:.0f}% of RTN's loss",
+        f"perplexity lost to 4-bit weights: RTN {ppl['rtn'] - ppl['float']:+.4f} against float, QAT "
+        f"{ppl['qat'] - ppl['control']:+.4f} against float +{s.qat_steps} (the same steps); QAT against float "
+        f"itself: {ppl['qat'] - ppl['float']:+.4f}, i.e. {100 * rec['vs_float']:.0f}% of RTN's loss recovered "
+        "when QAT's extra steps count",
     ]
 
 
-def write_markdown(path: Path, env: dict, rows: list[dict], lines: list[str]) -> None:
+def write_markdown(path: Path, env: dict, rows: list[dict], lines: list[str], s: Settings) -> None:
     text = [
         "# Language model: W4 g128 round-to-nearest vs QAT vs float, in onnxruntime",
         "",
@@ -322,7 +333,8 @@ def write_markdown(path: Path, env: dict, rows: list[dict], lines: list[str]) ->
         "",
         common.markdown_table(rows, COLUMNS),
         "",
-        "*decode*: one new token after a key/value cache of 127 positions (batch 1); *prefill*: 128 tokens. "
+        f"*decode*: one new token after a key/value cache of {s.seq_len - 1} positions (batch 1); *prefill*: "
+        f"{s.seq_len} tokens. "
         "*ORT = PyTorch*: positions of the validation windows where onnxruntime's most likely next byte "
         "(prefill graph) is PyTorch's. *MatMulNBits / linear*: nodes in onnxruntime's optimised prefill / "
         "decode graphs against the model's linear layers.",
@@ -353,7 +365,7 @@ def main(args: argparse.Namespace) -> int:
         row["loadavg_1m"] = env["loadavg_1m"]
     env["settings"] = asdict(s)
     common.record_run(out, "lm", env, rows, CSV_FIELDS, notes=lines, tags=("onnxruntime",))
-    write_markdown(out / "lm.md", env, rows, lines)
+    write_markdown(out / "lm.md", env, rows, lines, s)
     print(common.markdown_table(rows, COLUMNS))
     for line in lines:
         print(line)
