@@ -11,7 +11,9 @@ Subjects (CPU, onnxruntime CPU provider, 1 intra-op thread, batch 32):
     default export (int8 weights, uint8 activations, Linear as Gemm);
   - ``tquant W8A8 calibrated``: the same map, calibrated only (no QAT: post-training quantization);
   - ``tquant W8A8 unfolded``: the same QAT recipe with aihwkit's default conversion (no folding,
-    every layer input quantized) exported with uint8-shifted weights (the export before issue 11).
+    every layer input quantized) exported with uint8-shifted weights (the export before issue 11);
+  - ``tquant W8A8 recipe``: the deployment recipe of the model families (:func:`deploy.deploy_int8`:
+    the graph path, calibration only), unchanged.
 - ``encoder``: ``nn.TransformerEncoder`` (d 256, 4 heads, FFN 1024, 4 layers, sequence 32) on
   random inputs: float, ``quantize_static``, and tquant W8A8 (each layer converted to a
   :class:`~tquant.attention.QuantTransformerEncoderLayer`: quantized projections, attention
@@ -23,6 +25,14 @@ order rotated every round); reported are medians and the ratios to float and to
 ``quantize_static``, the accuracy, the file size, and what onnxruntime's optimiser leaves
 (:func:`tquant.export.ort_graph.optimized_graph`: Q/DQ nodes, fused integer nodes, float compute).
 Results go to ``results/<device>/onnx.{csv,json,md}``, with the load average of the run.
+
+- the model families of :mod:`tquant.benchmarks.families` (``resnet``, ``mobilenet``, ``vgg``, ``mlp``,
+  ``transformer``), random weights and inputs: float, ``quantize_static`` (same 8 calibration
+  batches), tquant's deployment recipe (:func:`tquant.benchmarks.deploy.deploy_int8`: the default
+  8-bit map, folding, int32 biases and ``example_inputs``; no layer names) and Brevitas graph mode
+  when it is installed (``tquant[peers]``); agreement = share of random inputs on which the file's
+  argmax equals the float PyTorch model's; ``validates`` = ``validate_onnx(...).ok()``. Latency at
+  batch 1 and 32.
 
 Digits accuracy is measured over ``--seeds`` seeds (default :data:`DIGITS_SEEDS`): each seed is
 a whole run of its own (the demo's split with that seed, float training, ``quantize_static``,
@@ -47,21 +57,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import common
+from . import common, deploy, families
 
-SUBJECTS = ("digits", "encoder")
+SUBJECTS = ("digits", "encoder", *families.FAMILIES)
 BATCH = 32
 DIGITS_SEEDS = 5
 """Seeds the digits accuracy is averaged over (``--seeds``; 1 with ``--quick``)."""
 CSV_FIELDS = [
     "run_id", "device", "onnxruntime", "subject", "variant", "median_ms", "p20_ms", "p80_ms", "n",
     "vs_float", "vs_quantize_static", "accuracy", "seeds", "accuracy_seeds", "rel_l2", "file_kib", "q_left", "dq_left",
-    "integer_nodes", "float_nodes", "loadavg_1m",
+    "integer_nodes", "float_nodes", "loadavg_1m", "median_ms_b1", "vs_float_b1", "vs_quantize_static_b1",
+    "agreement", "validates",
 ]
 ACCURACY_TOLERANCE = 1e-9
 """Percent: equal image counts give means that differ in the last bits (a sum of k/450 fractions)."""
 TARGETS = {"vs_float": 0.9, "vs_quantize_static": 1.05}
 """Issue 11's acceptance for the digits W8A8 model: <= 0.9x float, <= 1.05x quantize_static."""
+FAMILY_TARGETS = {"vs_float": 1.0, "vs_quantize_static": 1.05, "agreement": 95.0}
+"""Issue 19's acceptance for each model family's tquant W8A8 file (batch 32): faster than float, no
+slower than 1.05x ``quantize_static``, argmax equal to the float model's on >= 95 % of random inputs."""
+NO_INTEGER_KERNEL = {"LayerNormalization", "Gelu"}
+"""Float compute nodes onnxruntime has no integer kernel for (the only ones a family may keep)."""
 
 
 def _positive_int(text: str) -> int:
@@ -172,7 +188,8 @@ def digits_files(directory: Path, epochs: int, qat_epochs: int, seed: int = 0):
     float_model.eval()
     example = data.x_test[:BATCH]
     paths = {name: directory / f"digits-{i}.onnx" for i, name in enumerate(
-        ("float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded"))}
+        ("float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded",
+         "tquant W8A8 recipe"))}
     export_onnx(float_model, example, paths["float"])
     calib = [data.x_train[i:i + BATCH].numpy() for i in range(0, 8 * BATCH, BATCH)]
     quantize_static_peer(paths["float"], paths["quantize_static"], calib)
@@ -182,6 +199,7 @@ def digits_files(directory: Path, epochs: int, qat_epochs: int, seed: int = 0):
     export_onnx(calibrated, example, paths["tquant W8A8 calibrated"])
     unfolded = _qat(float_model, demo.quantization_map(8, fold_activations=False), data, qat_epochs, seed + 8)
     export_onnx(unfolded, example, paths["tquant W8A8 unfolded"], signed_weights=False)
+    deploy.deploy_int8(float_model, example, [torch.from_numpy(b) for b in calib], paths["tquant W8A8 recipe"])
     return paths, data.x_test.numpy(), data.y_test.numpy()
 
 
@@ -271,8 +289,11 @@ def run_subject(subject: str, directory: Path, args) -> list[dict]:
         seeds = args.seeds if args.seeds is not None else (1 if quick else DIGITS_SEEDS)
         paths, x_test, accuracies, test_images = digits_seeds(directory, epochs, qat_epochs, seeds)
         x = np.ascontiguousarray(x_test[:BATCH])
-    else:
+    elif subject == "encoder":
         paths, x, reference = encoder_files(directory, quick)
+    else:
+        paths, x, agreement, notes = deploy.family_files(subject, directory, quick, BATCH)
+        args.notes = getattr(args, "notes", []) + notes
     rows = []
     for name, path in paths.items():
         row = {"subject": subject, "variant": name, **_graph_fields(path)}
@@ -280,17 +301,24 @@ def run_subject(subject: str, directory: Path, args) -> list[dict]:
             per_seed = accuracies[name]
             row.update(accuracy=float(np.mean(per_seed)), seeds=len(per_seed), test_images=test_images,
                        accuracy_seeds=" ".join(f"{a:.2f}" for a in per_seed))
-        else:
+        elif subject == "encoder":
             out = run_session(session(path), x)
             row["rel_l2"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        else:
+            row["agreement"] = agreement[name]
+            if name == "tquant W8A8":
+                row["validates"] = agreement["validates"]
         rows.append(row)
     load_before = os.getloadavg()[0]
     stats = time_sessions(paths, x, reps, warmup)
+    stats_b1 = time_sessions(paths, np.ascontiguousarray(x[:1]), reps, warmup)
     for row in rows:
-        s = stats[row["variant"]]
-        row.update(median_ms=s["median"], p20_ms=s["p20"], p80_ms=s["p80"], n=s["n"])
+        s, s1 = stats[row["variant"]], stats_b1[row["variant"]]
+        row.update(median_ms=s["median"], p20_ms=s["p20"], p80_ms=s["p80"], n=s["n"], median_ms_b1=s1["median"])
         row["vs_float"] = s["median"] / stats["float"]["median"]
         row["vs_quantize_static"] = s["median"] / stats["quantize_static"]["median"]
+        row["vs_float_b1"] = s1["median"] / stats_b1["float"]["median"]
+        row["vs_quantize_static_b1"] = s1["median"] / stats_b1["quantize_static"]["median"]
         row["loadavg_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
     return rows
 
@@ -299,6 +327,9 @@ def run_subject(subject: str, directory: Path, args) -> list[dict]:
 COLUMNS = [
     ("subject", "model", ""), ("variant", "variant", ""), ("median_ms", "median ms", ".3f"),
     ("vs_float", "x float", ".2f"), ("vs_quantize_static", "x quantize_static", ".2f"),
+    ("median_ms_b1", "ms batch 1", ".3f"), ("vs_float_b1", "x float b1", ".2f"),
+    ("vs_quantize_static_b1", "x q_static b1", ".2f"), ("agreement", "argmax = float %", ".1f"),
+    ("validates", "validates", ""),
     ("accuracy", "accuracy %", ".2f"), ("rel_l2", "rel. L2 vs float", ".4f"), ("file_kib", "KiB", ".0f"),
     ("q_left", "Q left", ""), ("dq_left", "DQ left", ""), ("integer_nodes", "integer nodes", ""),
     ("float_nodes", "float compute nodes", ""), ("loadavg_1m", "load", ".2f"),
@@ -343,6 +374,7 @@ def checks(rows: list[dict]) -> list[str]:
                 verdict = "for reference (no QAT; not an acceptance point): " + ("not behind" if ok else "behind")
             lines.append(f"digits {name} accuracy {row['accuracy']:.2f}% vs quantize_static "
                          f"{peer['accuracy']:.2f}%{_seeds_note(row, peer)}: {verdict}")
+    lines += family_checks(rows)
     enc, epeer = by.get(("encoder", "tquant W8A8")), by.get(("encoder", "quantize_static"))
     if enc and epeer:
         ok = enc["vs_quantize_static"] <= 1.0
@@ -351,6 +383,29 @@ def checks(rows: list[dict]) -> list[str]:
         ok = enc["rel_l2"] < epeer["rel_l2"]
         lines.append(f"encoder rel. L2 {enc['rel_l2']:.4f} vs quantize_static {epeer['rel_l2']:.4f}: "
                      f"{'PASS' if ok else 'FAIL'}")
+    return lines
+
+
+def family_checks(rows: list[dict]) -> list[str]:
+    """Issue 19's acceptance lines (PASS/FAIL) for each model family this run measured."""
+    lines = []
+    for family in families.FAMILIES:
+        mine = next((r for r in rows if r["subject"] == family and r["variant"] == "tquant W8A8"), None)
+        if mine is None:
+            continue
+        floats = {op for op in str(mine.get("float_nodes") or "-").split() if op != "-"}
+        floats = {op.split(":")[0] for op in floats} - NO_INTEGER_KERNEL
+        verdicts = [
+            ("x float", mine["vs_float"], mine["vs_float"] < FAMILY_TARGETS["vs_float"], "< 1"),
+            ("x quantize_static", mine["vs_quantize_static"],
+             mine["vs_quantize_static"] <= FAMILY_TARGETS["vs_quantize_static"], "<= 1.05"),
+            ("argmax = float %", mine["agreement"], mine["agreement"] >= FAMILY_TARGETS["agreement"], ">= 95"),
+        ]
+        text = ", ".join(f"{k} {v:.2f} ({t}: {'PASS' if ok else 'FAIL'})" for k, v, ok, t in verdicts)
+        text += f", validate_onnx ok: {'PASS' if mine.get('validates') else 'FAIL'}"
+        text += f", float ops with an integer kernel left: {', '.join(sorted(floats)) or 'none'} " \
+                f"({'PASS' if not floats else 'FAIL'})"
+        lines.append(f"{family} tquant W8A8 (batch {BATCH}): {text}")
     return lines
 
 
@@ -380,7 +435,7 @@ def _seed_table(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
+def write_markdown(path: Path, env: dict, rows: list[dict], notes: list[str] = ()) -> None:
     text = [
         "# ONNX latency: tquant int8 vs float vs onnxruntime.quantization.quantize_static",
         "",
@@ -392,10 +447,11 @@ def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
         common.markdown_table(rows, COLUMNS),
         "",
         *_seed_table(rows),
-        "## Issue 11 acceptance",
+        "## Acceptance (issue 11: digits and encoder; issue 19: model families)",
         "",
         *[f"- {line}" for line in checks(rows)],
         "",
+        *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
     ]
     path.write_text("\n".join(text), encoding="utf-8")
 
@@ -415,10 +471,11 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tquant-bench-onnx-") as tmp:
         for subject in args.subjects:
             rows += run_subject(subject, Path(tmp), args)
-    common.record_run(out, "onnx", env, rows, CSV_FIELDS, notes=checks(rows), tags=("onnxruntime",))
-    write_markdown(out / "onnx.md", env, rows)
+    notes = getattr(args, "notes", [])
+    common.record_run(out, "onnx", env, rows, CSV_FIELDS, notes=checks(rows) + notes, tags=("onnxruntime",))
+    write_markdown(out / "onnx.md", env, rows, notes)
     print(common.markdown_table(rows, COLUMNS))
-    for line in checks(rows):
+    for line in checks(rows) + notes:
         print(line)
     print(f"results in {out}")
     return 0

@@ -163,19 +163,44 @@ class _AOWrapper(nn.Module):
         return self.dequant(self.body(self.quant(x)))
 
 
+def _fp32_fake_quant(module: nn.Module) -> None:
+    """Run a torch.ao fake-quant module in fp32 on half/bf16 input and hand back the input's dtype: its
+    fused op takes fp32 only ("expected scalar type BFloat16 but found Float" under bf16 autocast), so a
+    bf16 user pays these two casts."""
+    forward = module.forward
+
+    def fp32_forward(x):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return forward(x.float()).to(x.dtype)
+        return forward(x)
+
+    module.forward = fp32_forward
+
+
 def torch_ao_model(model: nn.Module, name: str) -> nn.Module:
-    """Eager torch.ao QAT: fuse Linear/Conv+ReLU, default ``x86`` QAT qconfig, ``prepare_qat``."""
+    """Eager torch.ao QAT: fuse Linear/Conv+ReLU, default ``x86`` QAT qconfig, ``prepare_qat``.
+
+    ``nn.MultiheadAttention`` keeps no qconfig (eager torch.ao QAT cannot swap its projections), so for
+    the encoder torch.ao quantizes the feed-forward linears only; fake quantizers run in fp32 (see
+    :func:`_fp32_fake_quant`)."""
     with warnings.catch_warnings():  # torch.ao's deprecation and reduce_range notices
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        from torch.ao.quantization import fuse_modules_qat, get_default_qat_qconfig, prepare_qat
+        from torch.ao.quantization import FakeQuantizeBase, fuse_modules_qat, get_default_qat_qconfig, prepare_qat
 
         body = copy.deepcopy(model).train()
         if name in FUSE:
             body = fuse_modules_qat(body, FUSE[name])
         wrapped = _AOWrapper(body).train()
         wrapped.qconfig = get_default_qat_qconfig("x86")
-        return prepare_qat(wrapped)
+        for module in wrapped.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                module.qconfig = None
+        prepared = prepare_qat(wrapped)
+        for module in prepared.modules():
+            if isinstance(module, FakeQuantizeBase):
+                _fp32_fake_quant(module)
+        return prepared
 
 
 def count_fake_quantizers(model: nn.Module) -> int:

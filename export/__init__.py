@@ -18,6 +18,7 @@ from ..extras import missing_dependency_error
 from ._quiet import quiet_third_party_logs
 
 try:
+    from .float_report import FloatOpsWarning
     from .inspect_cmd import InspectReport, inspect_onnx
     from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
     from .prepare import ExportError, ExportPlan, QuantizerExport, export_mode
@@ -35,6 +36,7 @@ __all__ = [
     "ExportError",
     "ExportPlan",
     "ExportResult",
+    "FloatOpsWarning",
     "QuantizerExport",
     "export_mode",
     "export_onnx",

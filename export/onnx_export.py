@@ -18,6 +18,8 @@ from torch import nn
 
 import tquant
 
+from .float_report import FloatOpsWarning, float_op_notes, node_scopes
+from .integer_passes import mean_to_global_pool
 from .prepare import INT4_OPSET, ExportError, QuantizerExport, export_mode, flatten_outputs, warn_estimating
 from .qdq_passes import collapse_dq_q
 from .translations import fold_int4_casts, translation_table
@@ -47,6 +49,7 @@ class ExportResult:
     double_qdq: list[str] = field(default_factory=list)
     collapsed: int = 0
     notes: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         n_w = sum(q.kind == "weight" for q in self.quantizers)
@@ -56,7 +59,7 @@ class ExportResult:
             f"{self.path}: {self.file_bytes / 1024:.1f} KiB, opset {self.opset}, {n_w} integer weights, "
             f"{n_a} activation quantizers; nodes: {nodes}"
         )
-        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
+        return "\n".join([text, *(f"note: {n}" for n in self.notes), *(f"float: {f}" for f in self.float_ops)])
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -115,6 +118,7 @@ def export_onnx(
     check: bool = True,
     keep_debug_info: bool = False,
     quiet: bool = True,
+    report_float_ops: bool = True,
 ) -> ExportResult:
     """Export a trained, converted tquant model to an ONNX QuantizeLinear/DequantizeLinear graph.
 
@@ -144,6 +148,10 @@ def export_onnx(
         keep_debug_info: keep the exporter's per-node metadata (source stack traces, module
             scopes); off by default, as it is most of the file for small models.
         quiet: silence the exporter's progress messages.
+        report_float_ops: for a quantized model, open the file in onnxruntime (all optimisations) and
+            warn (:class:`~tquant.export.float_report.FloatOpsWarning`) about every compute node it
+            still runs in float, by module path, with what would make it integer
+            (``ExportResult.float_ops``).
 
     Returns:
         an :class:`ExportResult` (path, sizes, the quantizers and how they were stored).
@@ -197,6 +205,8 @@ def export_onnx(
     fold_int4_casts(onnx_model)
     tidy_qdq_attributes(onnx_model)
     collapsed = collapse_dq_q(onnx_model)
+    mean_to_global_pool(onnx_model)
+    scopes = node_scopes(onnx_model)
     if not keep_debug_info:
         strip_debug_info(onnx_model)
     doubles = double_qdq_pairs(onnx_model)
@@ -228,9 +238,15 @@ def export_onnx(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    float_ops = float_op_notes(path, scopes) if report_float_ops and plan.quantizers else []
+    if float_ops:
+        warnings.warn(
+            f"export_onnx: {len(float_ops)} op(s) stay float after onnxruntime's optimisations: "
+            + "; ".join(float_ops), FloatOpsWarning, stacklevel=2,
+        )
     return ExportResult(
         path, opset, weight_storage, os.path.getsize(path), plan.quantizers, dict(counts), doubles,
-        collapsed, unfolded_activation_notes(model),
+        collapsed, unfolded_activation_notes(model), float_ops,
     )
 
 

@@ -45,6 +45,8 @@ class OptimizedGraph:
     path: str
     node_counts: dict[str, int] = field(default_factory=dict)
     float_nodes: list[tuple[str, str]] = field(default_factory=list)
+    float_node_outputs: dict[str, list[str]] = field(default_factory=dict)
+    """Output value names of each float node (names onnxruntime keeps from the file, even for nodes it made)."""
 
     @property
     def quantize(self) -> int:
@@ -108,4 +110,5 @@ def optimized_graph(path: str | os.PathLike) -> OptimizedGraph:
         graph = onnx.load(out, load_external_data=False).graph
     counts = Counter(node.op_type for node in graph.node)
     floats = [(node.op_type, node.name) for node in graph.node if node.op_type in FLOAT_COMPUTE_OPS]
-    return OptimizedGraph(path, dict(sorted(counts.items())), floats)
+    outputs = {node.name: list(node.output) for node in graph.node if node.op_type in FLOAT_COMPUTE_OPS}
+    return OptimizedGraph(path, dict(sorted(counts.items())), floats, outputs)

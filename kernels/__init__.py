@@ -16,6 +16,7 @@ from .range_update import (
     ESTIMATOR_RUNNING,
     batch_minmax,
     finalize_range,
+    range_workspace,
     update_range,
 )
 from .reference import EPS, qparams_from_range
@@ -34,6 +35,7 @@ __all__ = [
     "get_backend",
     "qdq",
     "qparams_from_range",
+    "range_workspace",
     "reference",
     "set_backend",
     "update_range",

@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from ._triton_fake_quant import _clamp, _device_ctx, _launch_opts, _round_half_even
+from ._triton_math import _clamp, _round_half_even
+from ._triton_plan import LAUNCH_OPTS
+from ._triton_plan import device_ctx as _device_ctx
 from .fp8_reference import fp8_max
 
 __all__ = ["FP8_BITS", "fp8_fake_quant_triton", "fp8_range_grads_triton"]
@@ -133,7 +135,7 @@ def fp8_fake_quant_triton(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: 
             _fp8_fake_quant_kernel[(triton.cdiv(n, _BLOCK),)](
                 flat, y_flat, m_flat.view(torch.uint8) if with_mask else y_flat, delta.contiguous(), n, row,
                 FMAX=fp8_max(fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=per_channel, HAS_MASK=bool(with_mask),
-                BLOCK=_BLOCK, num_warps=4, **_launch_opts(),
+                BLOCK=_BLOCK, num_warps=4, **LAUNCH_OPTS,
             )
     if staged:
         y.copy_(y_flat.view(x.shape))
@@ -158,7 +160,7 @@ def fp8_range_grads_triton(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
             _fp8_range_grads_kernel[(rows * splits,)](
                 grad.contiguous(), x.contiguous(), delta.contiguous(), out, row, splits,
                 FMAX=fp8_max(fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=per_channel, BLOCK=_BLOCK, num_warps=4,
-                **_launch_opts(),
+                **LAUNCH_OPTS,
             )
     else:
         out.zero_()

@@ -23,16 +23,9 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from ._triton_fake_quant import (
-    _clamp,
-    _device_ctx,
-    _launch_opts,
-    _maximum,
-    _minimum,
-    _next_pow2,
-    _qparams,
-    _round_half_even,
-)
+from ._triton_math import _clamp, _maximum, _minimum, _qparams, _round_half_even
+from ._triton_plan import LAUNCH_OPTS, _next_pow2
+from ._triton_plan import device_ctx as _device_ctx
 from ._triton_range import _ema
 from .group_reference import group_shape
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
@@ -241,7 +234,7 @@ def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric
                 xr, y, mask.view(torch.uint8) if with_mask else y, delta.contiguous(), zero_float.contiguous(),
                 _u8(signed), q, ng, k, group_len, full, half,
                 SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), BLOCK_G=block_g, BLOCK_T=block_t,
-                num_warps=warps, **_launch_opts(),
+                num_warps=warps, **LAUNCH_OPTS,
             )
     return y, mask
 
@@ -256,7 +249,7 @@ def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, 
         block_g, block_t, warps = _blocks(q, group_len)
         with _device_ctx(x):
             _group_minmax_kernel[(triton.cdiv(q, block_g),)](xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g,
-                                                               BLOCK_T=block_t, num_warps=warps, **_launch_opts())
+                                                               BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS)
     return bmin, bmax
 
 
@@ -300,12 +293,12 @@ def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed
             xr, range_min, range_max, delta, zero_float, signed_u8, _workspace(x.device),
             q, ng, k, group_len, n_programs, 1.0 - momentum, momentum, full,
             SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
-            **_launch_opts(),
+            **LAUNCH_OPTS,
         )
         if symmetric:
             block = min(_next_pow2(q), 1024)
             _group_symmetric_qparams_kernel[(triton.cdiv(q, block),)](
-                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_launch_opts(),
+                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **LAUNCH_OPTS,
             )
 
 
@@ -326,6 +319,6 @@ def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, sy
             _group_range_grads_kernel[(triton.cdiv(q, block_g),)](
                 grad.reshape(c, k).contiguous(), xr, delta.contiguous(), zero_float.contiguous(), _u8(signed),
                 grad_delta, grad_zf, q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_launch_opts(),
+                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS,
             )
     return grad_delta, grad_zf

@@ -5,7 +5,7 @@
 
 - a split reduction: each program reduces a strided set of tiles of one row block to the min
   and max of the finite values, published to a small fp32 partials buffer (``[C, P]`` per
-  channel, one pair per program per tensor) in the plan's workspace;
+  channel, one pair per program per tensor) in a workspace that the caller owns (a quantizer's buffers);
 - the last program to arrive (an atomic counter, reset by that program) reduces the partials
   in a fixed order (so the result does not depend on scheduling), applies the estimator
   (current / all / running EMA; a NaN old range or ``first`` takes the batch), clamps the range
@@ -29,16 +29,19 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from ._triton_fake_quant import (
+from ._triton_launch import Launcher
+from ._triton_math import _maximum, _minimum
+from ._triton_plan import (
+    LAUNCH_OPTS,
+    TritonPlan,
     _as_2d,
-    _device_ctx,
     _finalize_blocks,
-    _launch_opts,
-    _maximum,
-    _minimum,
     _split_plan,
+    device_ctx,
+    grid_consts,
+    plan_for,
 )
-from ._triton_plan import plan_for
+from .range_update import range_workspace
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
 
 __all__ = ["batch_minmax_triton", "update_range_triton"]
@@ -111,11 +114,17 @@ def _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C: tl.constexpr, BLOC
 
 @triton.jit
 def _ema(b, old, one_minus_m, m):
-    """``ema_range``: ``(1 - m) * b + m * old``, or whichever side is finite."""
-    ema = one_minus_m * b + m * old
+    """``ema_range``: ``(1 - m) * b + m * old``, or whichever side is finite.
+
+    Each product is rounded before the sum, as in torch: the selects between the products and the add
+    keep the compiler from contracting them into an FMA even when a launcher (inductor's) enables FP
+    fusion; they change no value (a non-finite side is replaced below anyway).
+    """
     ok_b = tl.abs(b) < float("inf")
     ok_o = tl.abs(old) < float("inf")
-    return tl.where(ok_b & ok_o, ema, tl.where(ok_b, b, old))
+    p_b = tl.where(ok_b, one_minus_m * b, 0.0)
+    p_o = tl.where(ok_o, m * old, 0.0)
+    return tl.where(ok_b & ok_o, p_b + p_o, tl.where(ok_b, b, old))
 
 
 @triton.jit
@@ -195,24 +204,27 @@ def _finalize_state(
             zero_float = tl.math.div_rn(x_min * -1.0, delta)
         tl.store(p_delta + rows, delta, mask=rmask)
         tl.store(p_zf + rows, zero_float, mask=rmask)
-    tl.store(p_signed, (neg > 0).to(tl.uint8))
+    tl.store(p_signed, neg > 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["p_ws", "p_count", "p_rmin", "p_rmax", "p_delta", "p_zf", "p_signed"])
 def _update_range_kernel(
-    p_x, p_bmin, p_bmax, p_count, p_rmin, p_rmax, p_delta, p_zf, p_signed,
+    p_x, p_ws, p_count, p_rmin, p_rmax, p_delta, p_zf, p_signed,
     ROWS, COLS, sx_row, sx_col, P, N_PROGRAMS, C, one_minus_m, m, full, half,
     PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr, RULE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, FIN_C: tl.constexpr,
 ):
     """The whole range update in one launch: a split min/max reduction whose last program finalises.
 
-    Each program folds its min / max into ``bmin`` / ``bmax`` (``[C]``, +inf / -inf between
-    launches) with atomic min / max — exact and order-independent, so the result does not depend
-    on scheduling — then bumps ``count``. The program that sees ``count == N_PROGRAMS - 1``
-    acquires the batch range, runs :func:`_finalize_state`, and restores ``bmin``, ``bmax`` and
-    ``count`` for the next launch: no fill kernel, no host synchronisation.
+    The workspace ``p_ws`` holds the batch min (``[0, C)``, +inf between launches) and max
+    (``[C, 2C)``, -inf); ``p_count`` is an int32 arrival counter (0 between launches). Each program
+    folds its min / max in with atomic min / max — exact and order-independent, so the result does
+    not depend on scheduling — then bumps the counter. The program that sees ``N_PROGRAMS - 1``
+    acquires the batch range, runs :func:`_finalize_state`, and restores the workspace and the
+    counter for the next launch: no fill kernel, no host synchronisation.
     """
+    p_bmin = p_ws
+    p_bmax = p_ws + C
     _, _, rows, rmask, lo, hi = _program_minmax(p_x, ROWS, COLS, sx_row, sx_col, P, BLOCK_C, BLOCK_R)
     if PER_CHANNEL:
         tl.atomic_min(p_bmin + rows, tl.min(lo, axis=1), mask=rmask, sem="release")
@@ -226,10 +238,21 @@ def _update_range_kernel(
         _finalize_state(p_bmin, p_bmax, p_rmin, p_rmax, p_delta, p_zf, p_signed, C, 1,
                         one_minus_m, m, full, half, SYMMETRIC, RULE, FIN_C, 1)
         for c0 in range(0, C, FIN_C):
-            rows = c0 + tl.arange(0, FIN_C).to(tl.int64)
-            tl.store(p_bmin + rows, float("inf"), mask=rows < C)
-            tl.store(p_bmax + rows, float("-inf"), mask=rows < C)
+            channels = c0 + tl.arange(0, FIN_C).to(tl.int64)  # not `rows`: a loop-carried name keeps its shape
+            tl.store(p_bmin + channels, float("inf"), mask=channels < C)
+            tl.store(p_bmax + channels, float("-inf"), mask=channels < C)
         tl.store(p_count, 0)
+
+
+@triton.jit(do_not_specialize_on_alignment=["p_bmin", "p_bmax", "p_rmin", "p_rmax", "p_delta", "p_zf", "p_signed"])
+def _finalize_range_kernel(
+    p_bmin, p_bmax, p_rmin, p_rmax, p_delta, p_zf, p_signed, C, one_minus_m, m, full, half,
+    SYMMETRIC: tl.constexpr, RULE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``finalize_range`` in one program: the running range and the parameters from a batch range
+    ``[C]`` (the synchronised-ranges path, after the batch range was all-reduced)."""
+    _finalize_state(p_bmin, p_bmax, p_rmin, p_rmax, p_delta, p_zf, p_signed, C, 1,
+                    one_minus_m, m, full, half, SYMMETRIC, RULE, BLOCK_C, 1)
 
 
 def _check_input(x: torch.Tensor, axis: int, op: str) -> bool:
@@ -244,7 +267,7 @@ def _check_input(x: torch.Tensor, axis: int, op: str) -> bool:
 
 def _minmax_partials(x: torch.Tensor, per_channel: bool):
     """Launch pass 1; returns ``(pmin, pmax, C, P)`` with partials laid out ``[C, P]``."""
-    (xv,), _, rows, cols, ((s_row, s_col),) = _as_2d([x], per_channel)
+    (xv,), _, rows, cols, ((s_row, s_col),), _ = _as_2d([x], per_channel)
     block_c, block_r, num_warps, n_split, n_programs, n_channels, n_partials = _split_plan(
         x, rows, cols, per_channel
     )
@@ -253,7 +276,7 @@ def _minmax_partials(x: torch.Tensor, per_channel: bool):
     if n_programs > 0:
         _minmax_partials_kernel[(n_programs,)](
             xv, pmin, pmax, rows, cols, s_row, s_col, n_split,
-            PER_CHANNEL=per_channel, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps, **_launch_opts(),
+            PER_CHANNEL=per_channel, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps, **LAUNCH_OPTS,
         )
     return pmin, pmax, n_channels, n_partials
 
@@ -268,7 +291,7 @@ def batch_minmax_triton(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
     shape = (x.shape[0],) if per_channel else ()
     bmin = torch.empty(shape, dtype=torch.float32, device=x.device)
     bmax = torch.empty(shape, dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
+    with device_ctx(x):
         pmin, pmax, n_channels, n_partials = _minmax_partials(x.detach(), per_channel)
         if n_channels > 0:
             fin_c, fin_p = _finalize_blocks(n_channels, n_partials)
@@ -276,6 +299,23 @@ def batch_minmax_triton(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
                 pmin, pmax, bmin, bmax, n_channels, n_partials, BLOCK_C=fin_c, BLOCK_P=fin_p,
             )
     return bmin, bmax
+
+
+def finalize_range_triton(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits: int,
+                          symmetric: bool, estimator: int, momentum: float, first: bool) -> None:
+    """``finalize_range`` (``range_update.py``) in one launch: fp32 contiguous 0-dim or ``[C]`` tensors on
+    one CUDA device (or CPU tensors in the interpreter), written in place; no host synchronisation."""
+    c = bmin.numel()
+    if c == 0:
+        return
+    full, half = grid_consts(n_bits)
+    block_c, _ = _finalize_blocks(c, 1)
+    with device_ctx(bmin):
+        _finalize_range_kernel[(1,)](
+            bmin.contiguous(), bmax.contiguous(), range_min, range_max, delta, zero_float, signed, c,
+            1.0 - momentum, momentum, full, half,
+            SYMMETRIC=bool(symmetric), RULE=range_rule(estimator, first), BLOCK_C=block_c, **LAUNCH_OPTS,
+        )
 
 
 def update_range_triton(
@@ -325,30 +365,47 @@ def update_range_triton(
             )
     if signed.dtype != torch.bool or signed.dim() != 0 or signed.device != x.device:
         raise ValueError(f"update_range: signed must be a 0-dim bool tensor on {x.device}")
-    launch_update_range(plan_for(x, axis), x.detach(), range_min, range_max, delta, zero_float,
-                        signed.view(torch.uint8), n_bits, symmetric, estimator, momentum, first)
+    plan = plan_for(x, axis)
+    launch_update_range(plan, x.detach(), plan_workspace(plan), range_min, range_max, delta, zero_float, signed,
+                        n_bits, symmetric, estimator, momentum, first)
 
 
-def launch_update_range(plan, x, range_min, range_max, delta, zero_float, signed_u8, n_bits: int, symmetric: bool,
-                        estimator: int, momentum: float, first: bool = False) -> None:
-    """One launch of :func:`_update_range_kernel` on a checked input (the hot path; see ``update_range_triton``).
+def plan_workspace(plan: TritonPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range-update workspace of the functional entry point, one per cached plan (made with the plan,
+    reused in stream order: every launch leaves it as it found it). Quantizers own theirs."""
+    return plan.launcher("workspace", lambda: range_workspace(plan.n_channels, plan.device))
 
-    ``plan`` is the :class:`~tquant.kernels._triton_plan.TritonPlan` of ``x``; ``signed_u8`` the
-    uint8 view of the 0-dim bool ``signed``.
+
+def range_rule(estimator: int, first: bool = False) -> int:
+    """The ``RULE`` constexpr of :func:`_update_range_kernel` for an estimator code."""
+    if first or estimator == ESTIMATOR_CURRENT:
+        return _RULE_BATCH
+    return _RULE_ALL if estimator == ESTIMATOR_ALL else _RULE_EMA
+
+
+def update_range_launcher(plan: TritonPlan, n_bits: int, symmetric: bool, rule: int, momentum: float,
+                          x_aligned: bool) -> Launcher:
+    """The plan's bound :func:`_update_range_kernel` variant; called with ``(x, workspace, counter,
+    range_min, range_max, delta, zero_float, signed)`` (``x`` contiguous when the plan says so)."""
+    full, half = grid_consts(n_bits)
+    n_programs = max(plan.n_programs, 1)
+    tail = (plan.rows, plan.cols, *plan.sx, plan.n_split, n_programs, plan.n_channels, 1.0 - momentum, momentum,
+            full, half)
+    constexprs = dict(PER_CHANNEL=plan.per_channel, SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_C=plan.block_c,
+                      BLOCK_R=plan.block_r, FIN_C=plan.fin_c)
+    return plan.launcher(("update_range", n_bits, bool(symmetric), rule, momentum, x_aligned), lambda: Launcher(
+        _update_range_kernel, (n_programs,), tail, constexprs, dict(num_warps=plan.num_warps, **LAUNCH_OPTS)))
+
+
+def launch_update_range(plan, x, workspace, range_min, range_max, delta, zero_float, signed, n_bits: int,
+                        symmetric: bool, estimator: int, momentum: float, first: bool = False) -> None:
+    """One launch of :func:`_update_range_kernel` on a checked input (see ``update_range_triton``).
+
+    ``plan`` is the :class:`~tquant.kernels._triton_plan.TritonPlan` of ``x``; ``workspace`` the
+    ``(minmax, counter)`` pair of :func:`~tquant.kernels.range_update.range_workspace` for its channels.
     """
     if plan.contiguous:
         x = x.contiguous()
-    if first or estimator == ESTIMATOR_CURRENT:
-        rule = _RULE_BATCH
-    else:
-        rule = _RULE_ALL if estimator == ESTIMATOR_ALL else _RULE_EMA
-    bmin, bmax, count = plan.workspace()
-    n_programs = max(plan.n_programs, 1)
-    with _device_ctx(x):
-        _update_range_kernel[(n_programs,)](
-            x, bmin, bmax, count, range_min, range_max, delta, zero_float, signed_u8,
-            plan.rows, plan.cols, plan.sx[0], plan.sx[1], plan.n_split, n_programs, plan.n_channels,
-            1.0 - momentum, momentum, float(2**n_bits - 1), float(2 ** (n_bits - 1)),
-            PER_CHANNEL=plan.per_channel, SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_C=plan.block_c,
-            BLOCK_R=plan.block_r, FIN_C=plan.fin_c, num_warps=plan.num_warps, **_launch_opts(),
-        )
+    launcher = update_range_launcher(plan, n_bits, symmetric, range_rule(estimator, first), momentum,
+                                     x.data_ptr() % 16 == 0)
+    launcher(x, *workspace, range_min, range_max, delta, zero_float, signed)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from ._triton_fake_quant import _device_ctx, _launch_opts, _round_half_even, _sm_count
+from ._triton_math import _round_half_even
+from ._triton_plan import LAUNCH_OPTS, device_ctx, plans_for_gpu, target_programs
 
 __all__ = ["grid_mse_triton"]
 
@@ -83,12 +84,11 @@ def _grid_mse_kernel(
 
 def _plan(x: torch.Tensor, rows: int, cols: int, k: int) -> tuple[int, int, int, int, int]:
     """``(block_k, block_m, num_warps, splits, tiles_per_split)`` for ``K = k`` candidates."""
-    if x.is_cuda:
+    if plans_for_gpu(x):
         block_k, block_m, num_warps = _BLOCK_K_GPU, _BLOCK_M_GPU, _NUM_WARPS_GPU
-        target = _PROGRAMS_PER_SM * _sm_count(x.device.index if x.device.index is not None else 0)
     else:
         block_k, block_m, num_warps = _BLOCK_K_CPU, _BLOCK_M_CPU, 1
-        target = _CPU_PROGRAMS
+    target = target_programs(x, _PROGRAMS_PER_SM, _CPU_PROGRAMS)
     n_kb = triton.cdiv(k, block_k)
     n_tiles = max(1, triton.cdiv(cols, block_m))
     splits = max(1, min(n_tiles, target // max(rows * n_kb, 1), _MAX_PARTIALS // max(k * rows, 1)))
@@ -122,11 +122,11 @@ def grid_mse_triton(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: 
     block_k, block_m, num_warps, splits, tiles = _plan(x, rows, cols, k)
     part = torch.empty((k, rows, splits), dtype=torch.float32, device=x.device)
     grid = (rows * splits, triton.cdiv(k, block_k))
-    with _device_ctx(x):
+    with device_ctx(x):
         _grid_mse_kernel[grid](
             x, scale, lo, hi, part,
             cols, x.stride(0), k, p, splits, tiles, rows,
             CAST=x.dtype != torch.float32, BLOCK_K=block_k, BLOCK_M=block_m,
-            num_warps=num_warps, **_launch_opts(),
+            num_warps=num_warps, **LAUNCH_OPTS,
         )
     return part.sum(dim=2, dtype=torch.float64)

@@ -354,7 +354,11 @@ def fake_quant(
     if not (delta.requires_grad or zero_float.requires_grad) and inline_ok(x):
         return fake_quant_inline(x, delta, zero_float, signed, n_bits, symmetric, axis)
     with_mask = torch.is_grad_enabled() and x.requires_grad
-    # Traced code (torch.compile / export) sees the registered op; eager code skips its dispatch.
-    op = fake_quant_forward if torch.compiler.is_compiling() else _FakeQuantFunction.apply
-    y, _ = op(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)
-    return y
+    if not torch.compiler.is_compiling():  # eager code skips the registered op's dispatch
+        return _FakeQuantFunction.apply(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)[0]
+    if backend.resolve(x) == "triton":  # traced code on the Triton lane: kernels inductor launches itself
+        from . import _triton_ops
+
+        if _triton_ops.traced_triton(x):
+            return _triton_ops.fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)[0]
+    return fake_quant_forward(x, delta, zero_float, signed, n_bits, symmetric, axis, with_mask)[0]

@@ -205,7 +205,7 @@ class Fp8Call:
         self.state = state
 
     def update(self, x: torch.Tensor) -> None:
-        (d, kd), _, _, (lo, klo), (hi, khi) = self.state
+        (d, kd), _, _, (lo, klo), (hi, khi) = self.state[:5]
         _fp8_update_range_op(x.detach(), lo[klo], hi[khi], d[kd], self.fmt, self.axis, self.estimator,
                              self.momentum, False)
 

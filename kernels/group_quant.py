@@ -315,7 +315,7 @@ class GroupCall:
         return d[kd], z[kz], s[ks]
 
     def update(self, x: torch.Tensor) -> None:
-        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state[:5]
         _group_update_range_op(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], self.n_bits, self.symmetric,
                                self.group_len, self.estimator, self.momentum, False)
 

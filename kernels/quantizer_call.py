@@ -66,10 +66,11 @@ USE_NUMBA = os.environ.get("TQUANT_NUMBA", "1").strip() != "0"
 
 
 class QuantizerCall:
-    """Base of the lanes. ``state`` names where the five state tensors live, as ``(dict, key)``
-    pairs for ``delta``, ``zero_float``, ``signed``, ``range_min``, ``range_max`` (a module's
-    ``_parameters`` / ``_buffers``): the call looks them up at each call, so it always sees the
-    tensors the module holds now, at the cost of a dict lookup rather than ``nn.Module.__getattr__``."""
+    """Base of the lanes. ``state`` names where the state tensors live, as ``(dict, key)`` pairs for
+    ``delta``, ``zero_float``, ``signed``, ``range_min``, ``range_max`` and the range-update workspace
+    and its counter (a module's ``_parameters`` / ``_buffers``): the call looks them up at each call,
+    so it always sees the tensors the module holds now, at the cost of a dict lookup rather than
+    ``nn.Module.__getattr__``."""
 
     lane = ""
 
@@ -85,7 +86,7 @@ class QuantizerCall:
 
     def tensors(self) -> tuple:
         """``(delta, zero_float, signed, range_min, range_max)`` as the modules hold them now."""
-        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state[:5]
         return d[kd], z[kz], s[ks], lo[klo], hi[khi]
 
     def params(self) -> tuple:
@@ -126,7 +127,7 @@ class QuantizerCall:
             out = torch.mul(x, mask.to(x.dtype))  # a native node that saves only the mask
             out.detach().copy_(y)
             return out
-        return _MaskedFakeQuant.apply(x, delta, zero_float, signed, self)
+        return _MaskedFakeQuant.apply(x, self, (delta, zero_float, signed))
 
     def forward(self, x, delta, zero_float, signed, with_mask: bool):
         """``(y, mask or None)`` without autograd."""
@@ -320,34 +321,62 @@ def host_lane_status() -> str:
 
 
 class _TritonCall(QuantizerCall):
+    """The fused Triton kernels, launched through the plan's bound variants (``_triton_launch``): a call
+    costs its launches and a few allocations, not ``JITFunction.run``'s binding. The state entries 6 and
+    7 locate the quantizer's range-update workspace (``range_update.range_workspace``)."""
+
     lane = "triton"
 
     def __init__(self, x: torch.Tensor, *args):
         super().__init__(*args)
+        from ._triton_fake_quant import fake_quant_launcher, run_fake_quant
         from ._triton_plan import TritonPlan
+        from ._triton_range import range_rule, update_range_launcher
 
-        self.plan = TritonPlan(x, self.axis)
+        self._run_fake_quant = run_fake_quant
+        self.plan = plan = TritonPlan(x, self.axis)
+        n_bits, sym = self.n_bits, self.symmetric
+        # (unaligned, aligned) variants, indexed by whether x's pointer is 16-byte aligned
+        self._fq = {m: tuple(fake_quant_launcher(plan, n_bits, sym, m, a) for a in (False, True)) for m in (0, 1)}
+        if self.fused:
+            rule = range_rule(self.estimator)
+            self._up = tuple(update_range_launcher(plan, n_bits, sym, rule, self.momentum, a) for a in (False, True))
+        (self._dd, self._kd), (self._dz, self._kz), (self._ds, self._ks) = self.state[:3]
+        (self._dlo, self._klo), (self._dhi, self._khi) = self.state[3:5]
+        (self._dws, self._kws), (self._dcnt, self._kcnt) = self.state[5:7]
+        self._grad_plans: dict = {}  # learned ranges' backward, by the gradient's strides
+
+    def train(self, x):
+        d, z, s = self._dd[self._kd], self._dz[self._kz], self._ds[self._ks]
+        xk = x.contiguous() if self.plan.contiguous else x
+        self._up[xk.data_ptr() % 16 == 0](xk, self._dws[self._kws], self._dcnt[self._kcnt], self._dlo[self._klo],
+                                          self._dhi[self._khi], d, z, s)
+        return self.apply(x, d, z, s)
 
     def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
-        from ._triton_range import launch_update_range
-
-        launch_update_range(self.plan, x, range_min, range_max, delta, zero_float, signed.view(torch.uint8),
-                            self.n_bits, self.symmetric, self.estimator, self.momentum)
+        xk = x.contiguous() if self.plan.contiguous else x
+        self._up[xk.data_ptr() % 16 == 0](xk, self._dws[self._kws], self._dcnt[self._kcnt], range_min, range_max,
+                                          delta, zero_float, signed)
 
     def forward(self, x, delta, zero_float, signed, with_mask):
-        from ._triton_fake_quant import launch_fake_quant
-
-        return launch_fake_quant(self.plan, x, delta, zero_float, signed.view(torch.uint8), self.n_bits,
-                                 self.symmetric, with_mask)
+        return self._run_fake_quant(self.plan, self._fq[with_mask], x, delta, zero_float, signed, with_mask)
 
     def masked(self, x, delta, zero_float, signed):
-        return _MaskedFakeQuant.apply(x, delta, zero_float, signed, self)
+        return _MaskedFakeQuant.apply(x, self, (delta, zero_float, signed))
 
     def range_grads(self, grad, x, delta, zero_float, signed):
-        from ._triton_fake_quant import fake_quant_range_grads_triton
+        """The LSQ gradients through a plan per gradient layout (bound launchers, reused partials)."""
+        from ._triton_fake_quant import RangeGradsPlan, fake_quant_range_grads_triton
 
-        return fake_quant_range_grads_triton(grad, x, delta, zero_float, signed, self.n_bits, self.symmetric,
-                                             self.axis)
+        key = grad.stride()
+        plans = self._grad_plans
+        if key not in plans:
+            plans[key] = RangeGradsPlan.make(grad, x, self.plan.per_channel, self.n_bits, self.symmetric)
+        plan = plans[key]
+        if plan is None:  # no common view without copies: the functional path copies
+            return fake_quant_range_grads_triton(grad, x, delta, zero_float, signed, self.n_bits, self.symmetric,
+                                                 self.axis)
+        return plan(grad, x, delta, zero_float, signed)
 
 
 class _ReferenceCall(QuantizerCall):
@@ -366,18 +395,21 @@ class _ReferenceCall(QuantizerCall):
 
 
 class _MaskedFakeQuant(torch.autograd.Function):
-    """``y = fake_quant(x)``; backward ``where(mask, grad, 0)`` from the saved 1-byte mask."""
+    """``y = fake_quant(x)``; backward ``where(mask, grad, 0)`` from the saved 1-byte mask.
+
+    ``apply(x, call, (delta, zero_float, signed))``: the parameters travel in a tuple, which autograd
+    does not inspect (they need no gradient here), to keep ``Function.apply``'s per-argument work small."""
 
     @staticmethod
-    def forward(ctx, x, delta, zero_float, signed, call):
-        y, mask = call.forward(x, delta, zero_float, signed, True)
+    def forward(ctx, x, call, params):
+        y, mask = call.forward(x, *params, True)
         ctx.save_for_backward(mask)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None
+        return torch.where(mask, grad, 0.0), None, None
 
 
 class _LearnedFakeQuant(torch.autograd.Function):
@@ -404,10 +436,11 @@ def quantizer_call(x: torch.Tensor, n_bits: int, symmetric: bool, axis: int, est
 
     ``estimator``: the ``ESTIMATOR_*`` code of a min/max estimator, or None (``train`` does not apply).
     ``state``: ``(dict, key)`` pairs locating ``delta``, ``zero_float``, ``signed``, ``range_min``,
-    ``range_max`` (see :class:`QuantizerCall`). Raises ``RuntimeError`` when the backend cannot run
-    on ``x`` (``TQUANT_BACKEND=triton`` on a CPU tensor without ``TRITON_INTERPRET=1``),
-    ``TypeError``/``ValueError`` for inputs the kernels do not take. The result is valid for every
-    tensor with the same shape, strides, dtype and device while the backend stays the same.
+    ``range_max``, and the range-update workspace and counter (see :class:`QuantizerCall`). Raises
+    ``RuntimeError`` when the backend cannot run on ``x`` (``TQUANT_BACKEND=triton`` on a CPU tensor
+    without ``TRITON_INTERPRET=1``), ``TypeError``/``ValueError`` for inputs the kernels do not take.
+    The result is valid for every tensor with the same shape, strides, dtype and device while the
+    backend stays the same.
     """
     args = (n_bits, symmetric, axis, estimator, momentum, state)
     impl = backend.resolve(x)

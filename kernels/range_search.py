@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import resolve as resolve_backend
-from .reference import batch_minmax_reference, grid_bounds, qparams_from_range, scale_and_zero_point
+from .reference import batch_minmax_reference, grid_bounds, qparams_from_range, scale_and_zero_point, true_divide
 
 __all__ = [
     "LOSSES",
@@ -586,7 +586,7 @@ def _skewed_range(space: SearchSpace, cand, shift, sign):
     """aihwkit's 2-D candidate: ``[-step*i, step*i]`` shifted by ``±shift`` codes, clamped."""
     start = -space.step * cand
     finish = space.step * cand
-    delta = (finish - start) / float(2**space.n_bits - 1)
+    delta = true_divide(finish - start, float(2**space.n_bits - 1))
     skew = (sign * shift) * delta
     neg = torch.clamp(start + skew, min=space.max_neg_thr)
     pos = torch.clamp(finish + skew, max=space.max_pos_thr)

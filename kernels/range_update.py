@@ -44,8 +44,24 @@ __all__ = [
     "ESTIMATOR_RUNNING",
     "batch_minmax",
     "finalize_range",
+    "range_workspace",
     "update_range",
 ]
+
+
+def range_workspace(n_channels: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scratch state of the one-launch Triton range update for ``n_channels`` channels (1 per tensor).
+
+    ``(minmax, counter)``: fp32 ``[2 * C]`` holding +inf (the batch minimum, ``[0, C)``) and -inf (the
+    maximum, ``[C, 2C)``), and an int32 ``[1]`` arrival counter at 0 — the state every launch leaves them
+    in. A quantizer owns one (buffers made with its other state, so they exist before any CUDA-graph
+    capture); the launches of one quantizer run in stream order.
+    """
+    c = max(int(n_channels), 1)
+    minmax = torch.empty(2 * c, device=device)
+    minmax[:c] = math.inf
+    minmax[c:] = -math.inf
+    return minmax, torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +158,12 @@ def _finalize_range_op(
     first: bool,
 ) -> None:
     """Update the running range from a batch range and write the quantizer parameters in place."""
+    if backend.resolve(bmin) == "triton":
+        from ._triton_range import finalize_range_triton
+
+        finalize_range_triton(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
+                              estimator, momentum, first)
+        return
     _finalize_torch(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symmetric,
                     estimator, momentum, first)
 
@@ -158,7 +180,7 @@ def _(bmin, bmax, range_min, range_max, delta, zero_float, signed, n_bits, symme
 
 def update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tensor, delta: torch.Tensor,
                  zero_float: torch.Tensor, signed: torch.Tensor, n_bits: int, symmetric: bool, axis: int,
-                 estimator: int, momentum: float, first: bool) -> None:
+                 estimator: int, momentum: float, first: bool, workspace: tuple | None = None) -> None:
     """Estimate the range of ``x`` and set the quantizer parameters, all in place.
 
     Args:
@@ -170,16 +192,29 @@ def update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tens
         estimator: ``ESTIMATOR_CURRENT``, ``ESTIMATOR_ALL`` or ``ESTIMATOR_RUNNING``.
         momentum: EMA momentum ``m`` of the running estimator.
         first: ignore the running range (this batch sets it), as if it were all NaN.
+        workspace: the Triton range update's ``(minmax, counter)`` (:func:`range_workspace`), used by
+            traced code on the Triton lane (a quantizer passes its own; without it one is made per call).
 
-    Traced code calls the registered op ``tquant::update_range``, or on the CPU under
-    ``torch.compile`` its reference expressions (``inline.py``); eager code calls its
-    implementation directly (no dispatch overhead).
+    Traced code calls the registered op ``tquant::update_range``, on the CPU under ``torch.compile`` its
+    reference expressions (``inline.py``), on the Triton lane ``tquant::update_range_triton`` (inductor
+    launches the kernel itself); eager code calls its implementation directly (no dispatch overhead).
     """
+    args = (n_bits, symmetric, axis, estimator, momentum, first)
     if not torch.compiler.is_compiling():
-        impl = _update_range_impl
+        _update_range_impl(x, range_min, range_max, delta, zero_float, signed, *args)
+    elif inline_ok(x):
+        update_range_inline(x, range_min, range_max, delta, zero_float, signed, *args)
+    elif backend.resolve(x) == "triton":
+        from . import _triton_ops
+
+        if not _triton_ops.traced_triton(x):
+            update_range_op(x, range_min, range_max, delta, zero_float, signed, *args)
+            return
+        if workspace is None:
+            workspace = range_workspace(x.shape[0] if axis >= 0 else 1, x.device)
+        _triton_ops.update_range_triton(x, *workspace, range_min, range_max, delta, zero_float, signed, *args)
     else:
-        impl = update_range_inline if inline_ok(x) else update_range_op
-    impl(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, axis, estimator, momentum, first)
+        update_range_op(x, range_min, range_max, delta, zero_float, signed, *args)
 
 
 def _update_range_op(

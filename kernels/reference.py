@@ -54,6 +54,15 @@ def param_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return t.reshape([-1] + [1] * (x.dim() - 1))
 
 
+def true_divide(a: torch.Tensor, b: float) -> torch.Tensor:
+    """``a / b``, correctly rounded on every device.
+
+    On CUDA, torch divides a tensor by a Python (CPU) scalar as ``a * (1 / b)``, which can be one bit
+    off; a 0-dim divisor on ``a``'s device takes the true division (a fill, no host copy, capturable).
+    """
+    return a / (a.new_full((), b) if a.is_cuda else b)
+
+
 def grid_bounds(n_bits: int, symmetric: bool, signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer grid ``(qmin, qmax)`` as fp32 0-dim tensors on ``signed``'s device (no host sync)."""
     full = float(2**n_bits - 1)
@@ -77,7 +86,7 @@ def qparams_from_range(
     x_min = torch.minimum(x_min.float(), torch.zeros_like(x_min, dtype=torch.float32))
     x_max = torch.maximum(x_max.float(), torch.full_like(x_max, EPS, dtype=torch.float32))
     if not symmetric:
-        delta = (x_max - x_min) / float(2**n_bits - 1)
+        delta = true_divide(x_max - x_min, float(2**n_bits - 1))
         zero_float = -x_min / delta
         signed = torch.zeros((), dtype=torch.bool, device=x_min.device)
         return delta, zero_float, signed

@@ -21,12 +21,14 @@ def test_bench_onnx_quick_digits(tmp_path, capsys):
         assert reader.fieldnames == bench_onnx.CSV_FIELDS
         rows = list(reader)
     assert [r["variant"] for r in rows] == [
-        "float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded"]
+        "float", "quantize_static", "tquant W8A8", "tquant W8A8 calibrated", "tquant W8A8 unfolded",
+        "tquant W8A8 recipe"]
     by = {r["variant"]: r for r in rows}
     assert float(by["float"]["vs_float"]) == 1.0 and float(by["quantize_static"]["vs_quantize_static"]) == 1.0
     # what onnxruntime leaves: tquant's folded model is fully integer, the unfolded one is not
     assert (by["tquant W8A8"]["q_left"], by["tquant W8A8"]["dq_left"]) == ("1", "0")
     assert by["tquant W8A8"]["float_nodes"] == "-"
+    assert (by["tquant W8A8 recipe"]["q_left"], by["tquant W8A8 recipe"]["float_nodes"]) == ("1", "-")
     assert int(by["tquant W8A8 unfolded"]["q_left"]) > 1
     for r in rows:
         per_seed = [float(a) for a in r["accuracy_seeds"].split()]
@@ -34,7 +36,7 @@ def test_bench_onnx_quick_digits(tmp_path, capsys):
         assert float(r["accuracy"]) == pytest.approx(sum(per_seed) / 2, abs=0.01)
         assert all(0.0 <= a <= 100.0 for a in per_seed) and float(r["median_ms"]) > 0
     markdown = (tmp_path / "onnx.md").read_text()
-    assert "## Issue 11 acceptance" in markdown and "vs_quantize_static" in markdown
+    assert "## Acceptance (issue 11" in markdown and "vs_quantize_static" in markdown
     assert "## Digits accuracy by seed" in markdown and "| seed 0 | seed 1 | mean |" in markdown
     assert "(mean of 2 seeds;" in markdown
     assert "results in" in capsys.readouterr().out
@@ -74,3 +76,15 @@ def test_seeds_must_be_positive(capsys):
         cli.main(["bench", "onnx", "--quick", "--seeds", "0"])
     assert exc.value.code == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_bench_onnx_quick_family(tmp_path):
+    assert cli.main(["bench", "onnx", "--quick", "--subjects", "mlp", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "onnx.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert {"float", "quantize_static", "tquant W8A8"} <= set(rows)
+    mine = rows["tquant W8A8"]
+    assert mine["validates"] == "True" and float(mine["agreement"]) >= 95.0
+    assert mine["integer_nodes"] == "QGemm:3" and mine["float_nodes"] == "-"
+    assert float(mine["median_ms_b1"]) > 0 and float(mine["vs_float_b1"]) > 0
+    assert "mlp tquant W8A8 (batch 32):" in (tmp_path / "onnx.md").read_text()

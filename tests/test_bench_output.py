@@ -46,7 +46,8 @@ def checkout_cwd(monkeypatch, tmp_path):
 
 def test_benchmarks_run_from_a_checkout_leave_git_status_clean(checkout_cwd, monkeypatch, capsys):
     """`tquant bench qat` and bench_kernels without --out write ./tquant-bench-results/<device>/ only."""
-    monkeypatch.setattr(common, "_loadavg", lambda: 9.5)  # a busy machine: the warning must show
+    monkeypatch.setattr(common, "_loadavg", lambda: 9.5)  # a busy 2-core machine: the warning must show
+    monkeypatch.setattr(common, "usable_cpus", lambda: 2)
     argv = ["bench", "qat", "--models", "mlp", "--no-compile", "--reps", "2", "--warmup", "1", "--no-plot"]
     assert cli.main(argv) == 0
     bench_kernels.main(

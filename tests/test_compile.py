@@ -260,3 +260,71 @@ def test_cuda_graphs_capture_a_full_qat_step_without_host_syncs():
     assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
     q = qmodel.fc2.weight_quantizer.quantizer
     assert q.is_initialized and torch.isfinite(q._delta).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_triton_lane_on_cuda_is_eager_bit_for_bit_and_launches_its_kernels_itself():
+    """Inductor launches the quantizer kernels itself (``tquant::*_triton`` triton ops decomposed into
+    ``wrap_triton`` calls): the generated code names the kernels and calls no ``tquant`` op, and the QAT
+    steps give eager's outputs, gradients and quantizer state bit for bit (the MLP: matmuls are extern)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, qmap, sample = mlp_case(per_channel=True)
+    eager = tquant.convert_to_quantized(model, qmap).cuda()
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True)
+    torch.manual_seed(3)
+    for step in range(3):
+        x = sample(8).cuda()
+        twin.load_state_dict(eager.state_dict())
+        y_e = eager(x)
+        if step == 0:
+            y_c, code = run_and_get_code(compiled, x)
+            source = "\n".join(code)
+            assert "_update_range_kernel" in source and "_fake_quant_fwd_kernel" in source
+            assert "torch.ops.tquant" not in source, "an opaque tquant op in the compiled graph"
+        else:
+            y_c = compiled(x)
+        assert_same_output(y_e, y_c, True, f"step {step}")
+        loss_of(y_e).backward()
+        loss_of(y_c).backward()
+        assert_same_state(eager, twin, True, f"step {step}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eager_qat_step_replays_in_a_cuda_graph():
+    """An eager QAT step on the Triton lane (forward with range estimation, backward, SGD step) captured
+    with ``torch.cuda.graph`` after warm-up: replays track new data like eager steps do."""
+    model, qmap, sample = mlp_case(per_channel=True)
+    qmodel = tquant.convert_to_quantized(model, qmap).cuda()
+    reference = copy.deepcopy(qmodel)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (qmodel, reference)]
+    x = sample(8).cuda()
+    static_x = x.clone()
+
+    def step(m, opt, inp):
+        loss = loss_of(m(inp))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: plans, compiles and binds every kernel outside the capture
+        for _ in range(2):
+            step(qmodel, opts[0], static_x)
+            step(reference, opts[1], x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(qmodel, opts[0], static_x)
+    for i in range(3):
+        new = sample(8).cuda() * (1 + i)
+        static_x.copy_(new)
+        graph.replay()
+        expected = step(reference, opts[1], new)
+        torch.testing.assert_close(static_loss, expected, rtol=0, atol=0)
+    assert_same_state(reference, qmodel, True, "after replays", grads=False)

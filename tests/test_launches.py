@@ -43,18 +43,34 @@ class OpLog(TorchDispatchMode):
         return [op for op in self.ops if op not in NO_KERNEL]
 
 
+def _name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """A list that records the name of every Triton kernel launched (interpreter or GPU)."""
+    """A list that records the name of every Triton kernel launched (interpreter or GPU): the calls of the
+    plans' bound launchers (which on a GPU go straight to Triton's C launcher) and unbound ``kernel[grid]``
+    launches (in the interpreter a bound launcher makes one of those too: counted once)."""
     from tquant.kernels import _triton_fake_quant, _triton_range
+    from tquant.kernels._triton_launch import Launcher
 
     names: list[str] = []
     kernels = [getattr(mod, n) for mod in (_triton_fake_quant, _triton_range) for n in dir(mod)
                if n.endswith("_kernel")]
-    run = type(kernels[0]).run
+    run, call = type(kernels[0]).run, Launcher.__call__
+
+    def counting_call(self, *args):
+        names.append(_name(self.kernel))
+        _in_launch[0] += 1
+        try:
+            return call(self, *args)
+        finally:
+            _in_launch[0] -= 1
 
     def counting_run(self, *args, **kwargs):
-        names.append(getattr(self, "__name__", getattr(getattr(self, "fn", None), "__name__", "?")))
+        if not _in_launch[0] and not kwargs.get("warmup"):
+            names.append(_name(self))
         _in_launch[0] += 1
         try:
             return run(self, *args, **kwargs)
@@ -62,6 +78,7 @@ def launches(monkeypatch):
             _in_launch[0] -= 1
 
     monkeypatch.setattr(type(kernels[0]), "run", counting_run)
+    monkeypatch.setattr(Launcher, "__call__", counting_call)
     K.set_backend("triton")  # conftest restores it
     return names
 

@@ -37,7 +37,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 if HAS_TRITON:
-    from tquant.kernels import _triton_fake_quant as FQ
+    from tquant.kernels import _triton_math as TM
     from tquant.kernels import _triton_plan as TP
     from tquant.kernels._triton import tl, triton
 
@@ -177,7 +177,7 @@ if HAS_TRITON:
     def _round_kernel(p_x, p_y, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(p_x + offs, mask=offs < n, other=0.0)
-        tl.store(p_y + offs, FQ._round_half_even(v), mask=offs < n)
+        tl.store(p_y + offs, TM._round_half_even(v), mask=offs < n)
 
 
 def run_round(v: torch.Tensor) -> torch.Tensor:
@@ -334,6 +334,30 @@ def test_update_range_first_then_next(shape, axis, view, symmetric, kind, estima
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
+def test_finalize_range_is_one_launch_of_the_reference(axis, symmetric, estimator):
+    """The synchronised-ranges half (after the all-reduce): a batch range into the state, as
+    ``_finalize_torch`` does, NaN old ranges ("no range yet") and a non-finite batch channel included."""
+    channels = 5
+    shape = () if axis < 0 else (channels,)
+    state = new_state(axis, channels)
+    if axis == 0:
+        state[0][1] = state[1][1] = float("nan")
+    for step, scale in enumerate((1.0, 2.5)):
+        bmin, bmax = -torch.rand(shape) * scale, torch.rand(shape) * scale
+        if axis == 0:
+            bmin[2], bmax[2] = float("inf"), float("-inf")  # no finite value in this channel
+        expected = [t.clone() for t in state]
+        _finalize_torch(bmin, bmax, *expected, 8, symmetric, estimator, 0.9, step == 0)
+        actual = [t.to(DEV) for t in state]
+        K.finalize_range(bmin.to(DEV), bmax.to(DEV), *actual, 8, symmetric, estimator, 0.9, step == 0)
+        for name, a, e in zip(("range_min", "range_max", "delta", "zero_float", "signed"), actual, expected):
+            assert_bits_equal(a, e, f"step {step}: {name}")
+        state = expected
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["tensor", "channel"])
 def test_update_range_nonfinite(axis, symmetric, estimator):
     """NaN/inf never reach the range; an all-non-finite batch (or channel) keeps a safe range."""
     x = torch.randn(4, 33)
@@ -455,11 +479,11 @@ def test_range_grads_gates_and_expanded_grad():
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     """Shrink tiles and partial blocks so a few hundred elements need many programs and steps."""
-    monkeypatch.setattr(FQ, "_MAX_TILE", 32)
-    monkeypatch.setattr(FQ, "_CPU_PROGRAMS", 16)
-    monkeypatch.setattr(FQ, "_PROGRAMS_PER_SM", 1)
-    monkeypatch.setattr(FQ, "_FINALIZE_TILE", 8)
-    monkeypatch.setattr(FQ, "_FINALIZE_BLOCK_P", 2)
+    monkeypatch.setattr(TP, "_MAX_TILE", 32)
+    monkeypatch.setattr(TP, "_CPU_PROGRAMS", 16)
+    monkeypatch.setattr(TP, "_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(TP, "_FINALIZE_TILE", 8)
+    monkeypatch.setattr(TP, "_FINALIZE_BLOCK_P", 2)
     monkeypatch.setattr(TP, "_plans", type(TP._plans)())  # plans made with the usual tiles must not be reused
 
 
@@ -505,7 +529,7 @@ def test_many_programs(tiny_tiles, shape, axis, view, symmetric, kind):
 ])
 def test_collapse(case):
     shape, strides, keep_dim0, expected = case
-    got = FQ._collapse(shape, [strides], keep_dim0)
+    got = TP._collapse(shape, [strides], keep_dim0)
     if expected is None:
         assert got is None
     else:

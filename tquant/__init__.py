@@ -37,6 +37,7 @@ from .conversion import (
 )
 from .distributed import convert_sync_ranges
 from .errors import QuantizationConfigError, QuantizerNotInitializedError
+from .graph import TracingFallbackWarning
 from .layers import (
     QuantBatchNorm2d,
     QuantConv1d,
@@ -80,6 +81,7 @@ from .states import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "TracingFallbackWarning",
     "__version__",
     "kernels",
     "ActivationQuantConfig",

@@ -31,10 +31,14 @@ import torch
 from torch import nn
 
 from .base_modules import QuantizedActivation
+from .fixed_range import probability_quantizer
 from .layers import QuantLayerNorm, QuantLinear
 from .states import QuantizedModel
 
-__all__ = ["QuantAdd", "QuantMatMul", "QuantSelfAttention", "QuantSoftmax", "QuantTransformerEncoderLayer"]
+__all__ = [
+    "QuantAdd", "QuantMatMul", "QuantMultiheadAttention", "QuantSelfAttention", "QuantSoftmax",
+    "QuantTransformerEncoderLayer",
+]
 
 
 class QuantMatMul(QuantizedActivation):
@@ -52,11 +56,13 @@ class QuantAdd(QuantizedActivation):
 
 
 class QuantSoftmax(QuantizedActivation):
-    """``softmax(x, dim)`` with an output quantizer."""
+    """``softmax(x, dim)`` with an output quantizer on the fixed ``1/2^b`` grid (onnxruntime's
+    QLinearSoftmax requantizes exactly on it: :mod:`tquant.fixed_range`)."""
 
     def __init__(self, dim: int = -1, **quant_params):
         super().__init__(**quant_params)
         self.dim = dim
+        self.activation_quantizer = probability_quantizer(self.activation_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize_activations(torch.softmax(x, dim=self.dim))
@@ -83,55 +89,92 @@ def _layer_norm(norm: nn.LayerNorm, **quant_params) -> QuantLayerNorm:
     return layer.to(norm.weight.device if norm.weight is not None else "cpu")
 
 
-class QuantSelfAttention(nn.Module):
-    """Multi-head self-attention from quantized pieces (built from an ``nn.MultiheadAttention``).
+class QuantMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` from quantized pieces: the same call and, with quantization off, the same result.
 
     ``q_proj`` (scaled by ``1/sqrt(head_dim)``), ``k_proj``, ``v_proj``, ``out_proj``: QuantLinear;
     ``scores`` (``q @ k^T``) and ``context`` (``attn @ v``): QuantMatMul; ``softmax``: QuantSoftmax.
-    ``batch_first`` mirrors the original (``nn.TransformerEncoder`` reads it); inputs here are
-    always ``[batch, seq, embed]``.
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)`` as
+    ``nn.MultiheadAttention`` does (the weights are the quantized softmax). Exported, the projections
+    run as QGemm, the matmuls as QLinearMatMul and the softmax as QLinearSoftmax. Built by the
+    converter as ``QuantMultiheadAttention(original, quantization_map=..., **quant_params)``.
     """
 
     _qkv_same_embed_dim = True
     in_proj_bias = None  # nn.TransformerEncoder's fast-path check reads it: never take the fused path
 
-    def __init__(self, attn: nn.MultiheadAttention, **quant_params):
+    def __init__(self, attn: nn.MultiheadAttention, quantization_map=None, **quant_params):
         super().__init__()
-        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            raise ValueError(
-                "QuantSelfAttention: only self-attention with packed in_proj, no bias_k/bias_v and no "
-                "add_zero_attn is supported"
-            )
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise TypeError(f"{type(self).__name__}: expected an nn.MultiheadAttention, got {type(attn).__name__}")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise ValueError(f"{type(self).__name__}: bias_k/bias_v and add_zero_attn are not supported")
         d, h = attn.embed_dim, attn.num_heads
-        self.num_heads, self.head_dim, self.batch_first = h, d // h, attn.batch_first
+        self.embed_dim, self.num_heads, self.head_dim, self.batch_first = d, h, d // h, attn.batch_first
         scale = 1.0 / math.sqrt(self.head_dim)
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        pieces = [(w[i * d:(i + 1) * d], None if b is None else b[i * d:(i + 1) * d]) for i in range(3)]
-        self.q_proj = _linear(pieces[0][0] * scale, None if pieces[0][1] is None else pieces[0][1] * scale,
-                              **quant_params)
-        self.k_proj = _linear(*pieces[1], **quant_params)
-        self.v_proj = _linear(*pieces[2], **quant_params)
+        b = attn.in_proj_bias
+        if attn._qkv_same_embed_dim:
+            weights = [attn.in_proj_weight[i * d:(i + 1) * d] for i in range(3)]
+        else:
+            weights = [attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight]
+        biases = [None if b is None else b[i * d:(i + 1) * d] for i in range(3)]
+        self.q_proj = _linear(weights[0] * scale, None if biases[0] is None else biases[0] * scale, **quant_params)
+        self.k_proj = _linear(weights[1], biases[1], **quant_params)
+        self.v_proj = _linear(weights[2], biases[2], **quant_params)
         self.out_proj = _linear(attn.out_proj.weight, attn.out_proj.bias, **quant_params)
         self.scores = QuantMatMul(**quant_params)
         self.softmax = QuantSoftmax(-1, **quant_params)
         self.context = QuantMatMul(**quant_params)
         self.dropout = nn.Dropout(attn.dropout)
+        self.train(attn.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, attn = self._attend(query, key, value, attn_mask, key_padding_mask, is_causal)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, attn.mean(1) if average_attn_weights else attn
+
+    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal):
+        """Batch-first attention: ``([batch, tq, embed], [batch, heads, tq, tk] softmax)``."""
+        b, tq, d = query.shape
+        tk = key.shape[1]
+        h, hd = self.num_heads, self.head_dim
+        q = self.q_proj(query).reshape(b, tq, h, hd).transpose(1, 2)
+        k = self.k_proj(key).reshape(b, tk, h, hd).transpose(1, 2)
+        v = self.v_proj(value).reshape(b, tk, h, hd).transpose(1, 2)
+        scores = self.scores(q, k.transpose(-2, -1))
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).triu(1)
+        if attn_mask is not None:
+            scores = _apply_mask(scores, attn_mask.reshape(b, h, tq, tk) if attn_mask.dim() == 3 else attn_mask)
+        if key_padding_mask is not None:
+            scores = _apply_mask(scores, key_padding_mask[:, None, None, :])
+        attn = self.softmax(scores)
+        ctx = self.context(self.dropout(attn), v).transpose(1, 2).reshape(b, tq, d)
+        return self.out_proj(ctx), attn
+
+
+class QuantSelfAttention(QuantMultiheadAttention):
+    """Self-attention of a :class:`QuantTransformerEncoderLayer`: ``forward(x, attn_mask, key_padding_mask,
+    is_causal)`` on ``[batch, seq, embed]`` whatever ``batch_first`` says (the layer transposes;
+    ``batch_first`` mirrors the original because ``nn.TransformerEncoder`` reads it)."""
+
+    def __init__(self, attn: nn.MultiheadAttention, **quant_params):
+        if not attn._qkv_same_embed_dim:
+            raise ValueError("QuantSelfAttention: only self-attention with a packed in_proj is supported")
+        super().__init__(attn, **quant_params)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        b, t, d = x.shape
-        h, hd = self.num_heads, self.head_dim
-        q, k, v = (p(x).reshape(b, t, h, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        scores = self.scores(q, k.transpose(-2, -1))
-        if attn_mask is None and is_causal:
-            attn_mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        if attn_mask is not None:
-            scores = _apply_mask(scores, attn_mask)
-        if key_padding_mask is not None:
-            scores = _apply_mask(scores, key_padding_mask[:, None, None, :])
-        attn = self.dropout(self.softmax(scores))
-        ctx = self.context(attn, v).transpose(1, 2).reshape(b, t, d)
-        return self.out_proj(ctx)
+        return self._attend(x, x, x, attn_mask, key_padding_mask, is_causal)[0]
 
 
 def _apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

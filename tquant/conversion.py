@@ -347,8 +347,15 @@ def disable_fused_transformer_fast_path(model: nn.Module) -> int:
     return changed
 
 
-def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, strict: bool = False) -> nn.Module:
+def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, example_inputs=None,
+                         strict: bool = False) -> nn.Module:
     """A quantized deep copy of ``model``, with quantization enabled where bit widths are > 0.
+
+    With ``example_inputs`` (a tensor or a tuple of positional inputs) the model is traced and the
+    result is an ``fx.GraphModule`` that also quantizes what an integer chain needs between the
+    layers (functional ops, input quantizers, conv/BN pairs, folded activations: :mod:`tquant.graph`);
+    a model that cannot be traced is converted module by module, with a
+    :class:`~tquant.graph.TracingFallbackWarning` saying why.
 
     A module with weights of its own that the map does not reach stays float and gives a one-line
     :class:`ConversionWarning` (``converted 14 layers; left float: 2 MultiheadAttention, 1 Conv1d
@@ -371,6 +378,12 @@ def convert_to_quantized(model: nn.Module, quantization_map: QuantizationMap, st
         )
     quantization_map.validate()
     _warn_unknown_names(model, quantization_map)
+    if example_inputs is not None:
+        from .graph import convert_graph  # the graph path builds on this module
+
+        quant_model = convert_graph(model, quantization_map, example_inputs, strict)
+        if quant_model is not None:
+            return quant_model
     summary = _new_summary(model, quantization_map)
     done: set[int] = set()
     quant_model = _quantize(copy.deepcopy(model), quantization_map, "", summary, done)

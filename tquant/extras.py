@@ -1,8 +1,9 @@
 """Which ``pip install 'tquant[...]'`` extra provides an optional dependency.
 
 tquant's core needs only torch and numpy. The export (``onnx``), the demo (``demo``), the Triton
-kernels (``triton``), the compiled CPU host lane (``cpu``: numba) and the tests (``cpu-dev``,
-``dev``) come with extras (``pyproject.toml``);
+kernels (``triton``), the compiled CPU host lane (``cpu``: numba), the tests (``cpu-dev``,
+``dev``) and the peers ``tquant bench onnx`` measures when present (``peers``: Brevitas) come with
+extras (``pyproject.toml``);
 an error for a missing optional module names the extra that brings it, not a catch-all.
 """
 
@@ -21,6 +22,8 @@ EXTRA_OF_MODULE = {
     "numba": "cpu",
     "pytest": "cpu-dev",
     "hypothesis": "cpu-dev",
+    "brevitas": "peers",
+    "onnxoptimizer": "peers",
 }
 """Top-level module name -> the extra that installs it."""
 
@@ -31,6 +34,7 @@ EXTRA_CONTENTS = {
     "cpu": "numba",
     "cpu-dev": "onnx, demo, cpu, pytest, hypothesis, ruff; no Triton",
     "dev": "cpu-dev + triton",
+    "peers": "brevitas, onnxoptimizer: Brevitas graph mode in tquant bench onnx",
 }
 
 

@@ -35,11 +35,15 @@ import torch
 from torch import nn
 
 from .base_modules import ACTIVATIONS, QuantizationHijacker
-from .layers import QuantConv2d
+from .layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 
 __all__ = [
     "FOLDABLE_ACTIVATIONS",
+    "FOLDED_CLASSES",
+    "QuantConvBn1d",
     "QuantConvBn2d",
+    "QuantConvBn3d",
+    "QuantLinearBn1d",
     "fold_batch_norm",
     "fold_sequential_activations",
     "sequential_conv_bn_pairs",
@@ -93,23 +97,21 @@ def fold_sequential_activations(seq: nn.Sequential, excluded: set[str] = frozens
 
 
 # -- batch norm ------------------------------------------------------------------------------------
-class QuantConvBn2d(QuantConv2d):
-    """A :class:`~tquant.QuantConv2d` with the following ``BatchNorm2d`` folded into its weight and bias.
+class _BatchNormFolded:
+    """Mixin of the ``Quant*Bn`` layers: the layer's weight and bias with the following batch norm folded in.
 
-    The layer runs ``conv(x, fq(w * g), beta + (b - mean) * g)`` with ``g = gamma / sqrt(var + eps)``
-    per output channel and the BN's *running* statistics: the quantized weight is the BN-folded
-    weight, as deployed (torch.ao's ConvBn QAT modules quantize the folded weight too). Gradients
-    reach the conv weight, the conv bias and the BN's ``weight``/``bias`` through the folding.
+    The layer runs ``op(x, fq(w * g), beta + (b - mean) * g)`` with ``g = gamma / sqrt(var + eps)`` per
+    output channel and the BN's *running* statistics: the quantized weight is the BN-folded weight, as
+    deployed (torch.ao's ConvBn QAT modules quantize the folded weight too). Gradients reach the layer's
+    weight and bias and the BN's ``weight``/``bias`` through the folding.
 
     In training mode, until ``freeze_bn_step`` training forwards have run (``None``: never), each
-    forward first updates the running statistics from the batch (a float conv without gradient,
-    the BN's ``momentum``), then folds; afterwards they stay frozen. Meant for QAT fine-tuning of a
-    trained float model, whose running statistics are already good (the usual QAT recipe).
-
-    Built by :func:`fold_batch_norm` from a converted conv and its batch norm (``self.bn``).
+    forward first updates the running statistics from the batch (a float op without gradient, the BN's
+    ``momentum``), then folds; afterwards they stay frozen. Meant for QAT fine-tuning of a trained float
+    model, whose running statistics are already good (the usual QAT recipe).
     """
 
-    bn: nn.BatchNorm2d
+    bn: nn.modules.batchnorm._BatchNorm
     freeze_bn_step: int | None
     bn_steps: torch.Tensor
 
@@ -133,11 +135,12 @@ class QuantConvBn2d(QuantConv2d):
 
     @torch.no_grad()
     def _update_bn_statistics(self, x: torch.Tensor) -> None:
-        y = self._conv_forward(x, self.weight, self.bias)
+        y = self.run_forward(x, self.weight, self.bias)
         bn = self.bn
+        dims = (0, *range(2, y.dim()))
         n = y.numel() / y.shape[1]
-        mean = y.mean(dim=(0, 2, 3))
-        var = y.var(dim=(0, 2, 3), unbiased=False) * (n / max(n - 1, 1))
+        mean = y.mean(dim=dims)
+        var = y.var(dim=dims, unbiased=False) * (n / max(n - 1, 1))
         momentum = 0.1 if bn.momentum is None else bn.momentum
         bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         bn.running_var.mul_(1 - momentum).add_(var, alpha=momentum)
@@ -145,15 +148,46 @@ class QuantConvBn2d(QuantConv2d):
         self.clear_cache()
 
 
-def _convert_conv_bn(qconv: QuantConv2d, bn: nn.BatchNorm2d, freeze_bn_step: int | None) -> QuantConvBn2d:
-    """Turn the converted conv into a :class:`QuantConvBn2d` in place (its quantizers and parameters kept)."""
-    if type(qconv) is not QuantConv2d:
-        raise TypeError(f"batch-norm folding needs a QuantConv2d, got {type(qconv).__name__}")
+class QuantConvBn2d(_BatchNormFolded, QuantConv2d):
+    """A :class:`~tquant.QuantConv2d` with the following ``BatchNorm2d`` folded into its weight and bias
+    (see :class:`_BatchNormFolded`). Built by :func:`fold_batch_norm` from a converted conv and its batch
+    norm (``self.bn``)."""
+
+
+class QuantConvBn1d(_BatchNormFolded, QuantConv1d):
+    """A :class:`~tquant.QuantConv1d` with the following ``BatchNorm1d`` folded in (see :class:`QuantConvBn2d`)."""
+
+
+class QuantConvBn3d(_BatchNormFolded, QuantConv3d):
+    """A :class:`~tquant.QuantConv3d` with the following ``BatchNorm3d`` folded in (see :class:`QuantConvBn2d`)."""
+
+
+class QuantLinearBn1d(_BatchNormFolded, QuantLinear):
+    """A :class:`~tquant.QuantLinear` on ``[N, C]`` inputs with the following ``BatchNorm1d`` folded in."""
+
+
+FOLDED_CLASSES = {
+    QuantConv1d: (QuantConvBn1d, nn.BatchNorm1d),
+    QuantConv2d: (QuantConvBn2d, nn.BatchNorm2d),
+    QuantConv3d: (QuantConvBn3d, nn.BatchNorm3d),
+    QuantLinear: (QuantLinearBn1d, nn.BatchNorm1d),
+}
+"""Converted layer type -> (its batch-norm-folded class, the batch norm type it folds)."""
+
+
+def _convert_conv_bn(qconv: nn.Module, bn: nn.Module, freeze_bn_step: int | None) -> nn.Module:
+    """Turn the converted layer into its ``Quant*Bn`` class in place (its quantizers and parameters kept)."""
+    if type(qconv) not in FOLDED_CLASSES:
+        raise TypeError(f"batch-norm folding needs a QuantConv1d/2d/3d or QuantLinear, got {type(qconv).__name__}")
+    folded_class, bn_type = FOLDED_CLASSES[type(qconv)]
+    if type(bn) is not bn_type:
+        raise TypeError(f"a {type(qconv).__name__} folds a {bn_type.__name__}, got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("batch-norm folding needs a BatchNorm2d with running statistics (track_running_stats)")
-    if bn.num_features != qconv.out_channels:
-        raise ValueError(f"BatchNorm2d has {bn.num_features} features, the conv {qconv.out_channels} output channels")
-    qconv.__class__ = QuantConvBn2d
+        raise ValueError("batch-norm folding needs a batch norm with running statistics (track_running_stats)")
+    out_channels = qconv.out_features if isinstance(qconv, nn.Linear) else qconv.out_channels
+    if bn.num_features != out_channels:
+        raise ValueError(f"{bn_type.__name__} has {bn.num_features} features, the layer {out_channels} outputs")
+    qconv.__class__ = folded_class
     qconv.bn = bn
     qconv.freeze_bn_step = freeze_bn_step
     qconv.register_buffer("bn_steps", torch.zeros((), dtype=torch.int64, device=bn.running_mean.device))
@@ -161,14 +195,14 @@ def _convert_conv_bn(qconv: QuantConv2d, bn: nn.BatchNorm2d, freeze_bn_step: int
     return qconv
 
 
-def _inner_bn(module: nn.Module) -> nn.BatchNorm2d | None:
+def _inner_bn(module: nn.Module) -> nn.Module | None:
     inner = getattr(module, "module", module)
-    return inner if type(inner) is nn.BatchNorm2d else None
+    return inner if type(inner) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) else None
 
 
-def _conv_of(module: nn.Module) -> QuantConv2d | None:
+def _conv_of(module: nn.Module) -> nn.Module | None:
     inner = module if isinstance(module, QuantizationHijacker) else getattr(module, "module", None)
-    return inner if type(inner) is QuantConv2d else None
+    return inner if type(inner) in FOLDED_CLASSES else None
 
 
 def fold_batch_norm(model: nn.Module, pairs: dict[str, str], freeze_bn_step: int | None = None) -> list[str]:
@@ -189,9 +223,12 @@ def fold_batch_norm(model: nn.Module, pairs: dict[str, str], freeze_bn_step: int
         conv = _conv_of(modules.get(conv_name)) if conv_name in modules else None
         bn = _inner_bn(modules[bn_name]) if bn_name in modules else None
         if conv is None:
-            raise ValueError(f"fold_batch_norm: '{conv_name}' is not a converted Conv2d in {type(model).__name__}")
+            raise ValueError(
+                f"fold_batch_norm: '{conv_name}' is not a converted Conv2d (or Conv1d/Conv3d/Linear) in "
+                f"{type(model).__name__}"
+            )
         if bn is None:
-            raise ValueError(f"fold_batch_norm: '{bn_name}' is not a BatchNorm2d in {type(model).__name__}")
+            raise ValueError(f"fold_batch_norm: '{bn_name}' is not a BatchNorm2d (or 1d/3d) in {type(model).__name__}")
         try:
             _convert_conv_bn(conv, bn, freeze_bn_step)
         except (TypeError, ValueError) as e:
@@ -206,5 +243,5 @@ def fold_batch_norm(model: nn.Module, pairs: dict[str, str], freeze_bn_step: int
 def sequential_conv_bn_pairs(seq: nn.Sequential) -> dict[str, str]:
     """``{conv: bn}`` child names of ``seq`` where a converted Conv2d is directly followed by a BatchNorm2d."""
     children = list(seq._modules.items())
-    return {a: b for (a, ma), (b, mb) in zip(children, children[1:]) if _conv_of(ma) is not None
-            and _inner_bn(mb) is not None}
+    return {a: b for (a, ma), (b, mb) in zip(children, children[1:]) if type(_conv_of(ma)) is QuantConv2d
+            and type(_inner_bn(mb)) is nn.BatchNorm2d}

@@ -174,7 +174,8 @@ class QuantizationManager(nn.Module):
         q.ensure_state(shape or (1,), x.device)
         est.ensure_range_buffers(shape, x.device)
         state = ((q._parameters, "_delta"), (q._buffers if q.symmetric else q._parameters, "_zero_float"),
-                 (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"))
+                 (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"),
+                 (est._buffers, "_workspace"), (est._buffers, "_arrivals"))
         try:
             if q.group_len is not None:
                 call = GroupCall(x, q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, state)
@@ -223,7 +224,7 @@ class QuantizationManager(nn.Module):
             else:
                 kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                      q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,
-                                     False)
+                                     False, workspace=(est._workspace, est._arrivals))
             q._initialized = True
         elif not q._initialized:
             raise QuantizerNotInitializedError(self.layer_name)

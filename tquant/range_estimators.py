@@ -57,6 +57,7 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
             shape = tuple(state_shape)
         self.register_buffer("current_xmin", torch.full(shape, math.nan))
         self.register_buffer("current_xmax", torch.full(shape, math.nan))
+        self._register_workspace(shape, None)
         self.axis = axis
         self.n_groups = n_groups
         self.per_group_range_estimation = False
@@ -108,6 +109,14 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
             )
         self.current_xmin = torch.full(shape, math.nan, device=device)
         self.current_xmax = torch.full(shape, math.nan, device=device)
+        self._register_workspace(shape, device)
+
+    def _register_workspace(self, shape: tuple, device) -> None:
+        """The scratch buffers of the one-launch Triton range update (``kernels.range_workspace``), made
+        with the range buffers so they exist before any CUDA-graph capture; not saved in ``state_dict``."""
+        workspace, arrivals = kernels.range_workspace(shape[0] if shape else 1, device)
+        self.register_buffer("_workspace", workspace, persistent=False)
+        self.register_buffer("_arrivals", arrivals, persistent=False)
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of the finite values of ``x``: per tensor, channel or group (no update)."""
@@ -153,11 +162,17 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
 
 
 def _all_reduce_range(bmin: torch.Tensor, bmax: torch.Tensor, process_group) -> None:
+    """``bmin``/``bmax`` become the minimum / maximum over the process group, in place: one collective
+    (a MIN over ``[bmin, -bmax]``; a zero maximum is +0.0, so its negation round-trips)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bmin, op=dist.ReduceOp.MIN, group=process_group)
-        dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=process_group)
+        packed = torch.cat([bmin.reshape(-1), bmax.reshape(-1).neg()])
+        dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=process_group)
+        n = bmin.numel()
+        bmin.copy_(packed[:n].view_as(bmin))
+        torch.neg(packed[n:], out=packed[n:])
+        bmax.copy_(packed[n:].view_as(bmax))
 
 
 @register_range_estimator(RangeEstimators.current_minmax)
