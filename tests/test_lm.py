@@ -56,7 +56,9 @@ def test_model_shapes_causality_and_cache():
     k, v = model.empty_cache(2)
     parts = []
     for chunk in (tokens[:, :5], tokens[:, 5:6], tokens[:, 6:]):  # a prefill, then decode steps
-        out, k, v = model.step(chunk, k, v)
+        out, new_k, new_v = model.step(chunk, k, v)
+        assert new_k.shape[3] == chunk.shape[1]
+        k, v = torch.cat([k, new_k], 3), torch.cat([v, new_v], 3)
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, 1), logits, rtol=1e-5, atol=1e-5)
     assert k.shape == (TINY.n_layers, 2, TINY.n_heads, 12, TINY.head_dim)

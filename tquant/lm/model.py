@@ -55,8 +55,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        xf = x.float()  # written as a division: onnxruntime fuses it into SimplifiedLayerNormalization
+        return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 def rope_tables(config: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,20 +90,25 @@ class Attention(nn.Module):
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x, cos, sin, cache=None):
-        """``x`` ``[B, T, dim]``; ``cos``/``sin`` the rows of these T positions. Returns ``y``, or with
-        ``cache = (past_k, past_v)`` (``[B, H, P, Dh]``, the P positions before) ``(y, k, v)``, ``k``/``v``
-        ``[B, H, P + T, Dh]``."""
-        q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
+        """``x`` ``[B, T, dim]``; ``cos``/``sin`` the rows of these T positions. Returns ``y``; with
+        ``cache = (past_k, past_v)`` (``[B, H, P, Dh]``, the P positions before) ``(y, k, v)``: the new
+        positions' keys and values ``[B, H, T, Dh]``, for the caller to append. The cache is read where
+        it lies, never copied: the scores against it and against the new keys share one softmax."""
+        q = apply_rope(self._heads(self.q_proj(x)), cos, sin) * (1.0 / math.sqrt(self.head_dim))
         k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
         v = self._heads(self.v_proj(x))
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        t, s = q.shape[2], k.shape[2]
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        if t > 1:  # query i sits at position s - t + i and sees keys 0 .. s - t + i
-            future = torch.ones(t, s, dtype=torch.bool, device=x.device).triu(s - t + 1)
-            scores = scores.masked_fill(future, float("-inf"))
-        y = self.o_proj((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape))
+        t = q.shape[2]
+        scores = q @ k.transpose(-2, -1)
+        if t > 1:  # causal among the new positions; every cached one lies before them
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        if cache is None:
+            y = scores.softmax(dim=-1) @ v
+        else:
+            past_k, past_v = cache
+            p = past_k.shape[2]
+            probs = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1).softmax(dim=-1)
+            y = probs[..., :p] @ past_v + probs[..., p:] @ v
+        y = self.o_proj(y.transpose(1, 2).reshape(x.shape))
         return y if cache is None else (y, k, v)
 
 
@@ -129,7 +134,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None):
-        """``x + attn(norm(x))``, then ``+ mlp(norm(.))``; with ``cache`` also the grown k/v (:class:`Attention`)."""
+        """``x + attn(norm(x))``, then ``+ mlp(norm(.))``; with ``cache`` also the new k/v (:class:`Attention`)."""
         a = self.attn(self.attn_norm(x), cos, sin, cache)
         x = x + (a if cache is None else a[0])
         x = x + self.mlp(self.mlp_norm(x))
@@ -183,8 +188,8 @@ class ByteLM(nn.Module):
 
     def step(self, tokens: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
         """Decode: ``tokens`` ``[B, T]`` at positions ``P .. P + T - 1`` after the cache
-        ``past_k``/``past_v`` ``[n_layers, B, H, P, Dh]``. Returns ``(logits [B, T, V], k, v)``
-        with the caches grown to ``P + T`` positions."""
+        ``past_k``/``past_v`` ``[n_layers, B, H, P, Dh]``. Returns ``(logits [B, T, V], k, v)``, ``k``/``v``
+        the new positions' ``[n_layers, B, H, T, Dh]``: the next cache is ``torch.cat([past_k, k], 3)``."""
         start = past_k.shape[3]
         self._check(tokens, start)
         t = tokens.shape[1]
