@@ -267,7 +267,10 @@ class _GroupWeightForward:
                 f"{tuple(w.shape)}, but its layer's weight has shape {self.shape}"
             )
         y = self.dequantized()
-        y = y.t() if self.axis == 0 else y.reshape(self.shape)
+        if self.axis == 0:
+            y = y.t()
+        elif len(self.shape) > 2:  # a conv's [C, K] view back to its kernel
+            y = y.reshape(self.shape)
         return y if w.dtype == torch.float32 else y.to(w.dtype)
 
 

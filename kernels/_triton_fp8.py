@@ -16,11 +16,12 @@ Other inputs go through contiguous temporaries.
 from __future__ import annotations
 
 import torch
+from torch.library import triton_op, wrap_triton
 
+from ._masked_autograd import masked_autograd
 from ._triton import tl, triton
 from ._triton_math import _clamp, _round_half_even
-from ._triton_plan import LAUNCH_OPTS
-from ._triton_plan import device_ctx as _device_ctx
+from ._triton_plan import LAUNCH_OPTS, device_ctx
 from .fp8_reference import fp8_max
 
 __all__ = ["FP8_BITS", "fp8_fake_quant_triton", "fp8_range_grads_triton"]
@@ -110,8 +111,8 @@ def _flat(x: torch.Tensor, per_channel: bool) -> torch.Tensor | None:
     return x.as_strided((x.numel(),), (1,))
 
 
-def fp8_fake_quant_triton(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int,
-                          with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_fake_quant_triton(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int, with_mask: bool,
+                          wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8_fake_quant`` in one launch: ``(y, mask)`` laid out like ``torch.empty_like(x)`` (mask empty
     unless ``with_mask``)."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -131,11 +132,11 @@ def fp8_fake_quant_triton(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: 
     n = x.numel()
     if n:
         row = n // x.shape[0] if per_channel else n
-        with _device_ctx(x):
-            _fp8_fake_quant_kernel[(triton.cdiv(n, _BLOCK),)](
+        with device_ctx(x):
+            (_fp8_fake_quant_kernel if wrap is None else wrap(_fp8_fake_quant_kernel))[(triton.cdiv(n, _BLOCK),)](
                 flat, y_flat, m_flat.view(torch.uint8) if with_mask else y_flat, delta.contiguous(), n, row,
                 FMAX=fp8_max(fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=per_channel, HAS_MASK=bool(with_mask),
-                BLOCK=_BLOCK, num_warps=4, **LAUNCH_OPTS,
+                BLOCK=_BLOCK, num_warps=4, **(LAUNCH_OPTS if wrap is None else {}),
             )
     if staged:
         y.copy_(y_flat.view(x.shape))
@@ -144,8 +145,8 @@ def fp8_fake_quant_triton(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: 
     return y, mask
 
 
-def fp8_range_grads_triton(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, fmt: str,
-                           axis: int) -> torch.Tensor:
+def fp8_range_grads_triton(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int,
+                           wrap=None) -> torch.Tensor:
     """The LSQ gradient of ``delta`` (its shape, fp32): per-row partial sums (one launch), their sum and
     the ``delta >= EPS`` gate."""
     mbits, emin = FP8_BITS[fmt]
@@ -156,14 +157,33 @@ def fp8_range_grads_triton(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
     splits = 1 if per_channel else max(1, min(_GRAD_SPLITS, triton.cdiv(max(row, 1), _BLOCK)))
     out = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
     if n:
-        with _device_ctx(x):
-            _fp8_range_grads_kernel[(rows * splits,)](
+        with device_ctx(x):
+            (_fp8_range_grads_kernel if wrap is None else wrap(_fp8_range_grads_kernel))[(rows * splits,)](
                 grad.contiguous(), x.contiguous(), delta.contiguous(), out, row, splits,
                 FMAX=fp8_max(fmt), MBITS=mbits, EMIN=emin, PER_CHANNEL=per_channel, BLOCK=_BLOCK, num_warps=4,
-                **LAUNCH_OPTS,
+                **(LAUNCH_OPTS if wrap is None else {}),
             )
     else:
         out.zero_()
     total = out.view(rows, splits).sum(dim=1)
     total = total if per_channel else total.reshape(())
     return (total * (delta >= 1e-8)).to(delta.dtype)
+
+
+# the same launches as torch.library.triton_op: what traced code calls on GPU tensors (see _triton_ops.py;
+# these kernels' values do not depend on FMA contraction, which inductor's launches may enable)
+
+
+@triton_op("tquant::fp8_fake_quant_triton", mutates_args=())
+def fp8_fake_quant_op(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int,
+                      with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tquant::fp8_fake_quant`` as a ``triton_op``; autograd in ``fp8.py``."""
+    return fp8_fake_quant_triton(x, delta, fmt, axis, with_mask, wrap=wrap_triton)
+
+
+@triton_op("tquant::fp8_fake_quant_range_grads_triton", mutates_args=())
+def fp8_range_grads_op(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int) -> torch.Tensor:
+    return fp8_range_grads_triton(grad, x, delta, fmt, axis, wrap=wrap_triton)
+
+
+masked_autograd("fp8_fake_quant_triton", fp8_fake_quant_op, fp8_range_grads_op, 1)

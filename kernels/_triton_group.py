@@ -15,17 +15,18 @@ device flag with an atomic max and the last program to arrive (an arrival counte
 ``delta``. ``group_fake_quant`` is one launch; its LSQ gradients one more.
 
 Numerics are the reference's bit for bit (``tl.math.div_rn``, the portable round half to even, NaN-
-and signed-zero-faithful min/max/clamp from ``_triton_fake_quant``, no FMA contraction).
+and signed-zero-faithful min/max/clamp from ``_triton_math``, no FMA contraction).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.library import triton_op, wrap_triton
 
+from ._masked_autograd import masked_autograd
 from ._triton import tl, triton
 from ._triton_math import _clamp, _maximum, _minimum, _qparams, _round_half_even
-from ._triton_plan import LAUNCH_OPTS, _next_pow2
-from ._triton_plan import device_ctx as _device_ctx
+from ._triton_plan import LAUNCH_OPTS, _next_pow2, device_ctx
 from ._triton_range import _ema
 from .group_reference import group_shape
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
@@ -34,6 +35,7 @@ __all__ = [
     "group_fake_quant_triton",
     "group_minmax_triton",
     "group_range_grads_triton",
+    "group_train_triton",
     "group_update_range_triton",
 ]
 
@@ -55,16 +57,42 @@ def _group_tile(q, t, NG, K, L, Q):
 
 
 @triton.jit
+def _symmetric_delta(p_rmin, p_rmax, p_signed, q, qmask, full, half):
+    """Symmetric ``delta = max(|x_min|, x_max) / qmax`` of groups ``q`` from their range (after the clamp)."""
+    x_min = _minimum(tl.load(p_rmin + q, mask=qmask, other=0.0), 0.0)
+    x_max = _maximum(tl.load(p_rmax + q, mask=qmask, other=0.0), 1e-8)
+    qmax = tl.where(tl.load(p_signed) != 0, half - 1.0, full)
+    return tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax)
+
+
+@triton.jit
 def _group_fake_quant_kernel(
-    p_x, p_y, p_mask, p_delta, p_zf, p_signed,
+    p_x, p_y, p_mask, p_delta, p_zf, p_signed, p_rmin, p_rmax,
     Q, NG, K, L, full, half,
-    SYMMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, FROM_RANGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One ``[BLOCK_G, BLOCK_T]`` tile of ``y = scale * (clamp(round(x / scale) + zp, qmin, qmax) - zp)``."""
+    """One ``[BLOCK_G, BLOCK_T]`` tile of ``y = scale * (clamp(round(x / scale) + zp, qmin, qmax) - zp)``.
+
+    ``FROM_RANGE`` (symmetric, in a training forward): ``delta`` is computed here from the range the range
+    kernel just wrote and ``signed``, and the programs of the first column chunk store it (and
+    ``zero_float = 0``): the symmetric update's second launch, fused into this one.
+    """
     q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     offs, m = _group_tile(q, t, NG, K, L, Q)
-    scale, zp, qmin, qmax = _qparams(p_delta, p_zf, p_signed, q, q < Q, full, half, SYMMETRIC, True)
+    if FROM_RANGE:
+        delta = _symmetric_delta(p_rmin, p_rmax, p_signed, q, q < Q, full, half)
+        if tl.program_id(1) == 0:
+            tl.store(p_delta + q, delta, mask=q < Q)
+            tl.store(p_zf + q, tl.zeros([BLOCK_G], dtype=tl.float32), mask=q < Q)
+        signed = tl.load(p_signed) != 0
+        scale = tl.where(delta < 1e-8, 1e-8, delta)[:, None]
+        zp = 0.0
+        qmin = tl.where(signed, -half, 0.0)
+        qmax = tl.where(signed, half - 1.0, full)
+    else:
+        scale, zp, qmin, qmax = _qparams(p_delta, p_zf, p_signed, q, q < Q, full, half, SYMMETRIC, True)
     x = tl.load(p_x + offs, mask=m, other=0.0).to(tl.float32)
     v = _round_half_even(tl.math.div_rn(x, scale)) + zp
     y = scale * (_clamp(v, qmin, qmax) - zp)
@@ -141,13 +169,10 @@ def _group_range_kernel(
 @triton.jit
 def _group_symmetric_qparams_kernel(p_rmin, p_rmax, p_delta, p_zf, p_signed, Q, full, half,
                                     BLOCK: tl.constexpr):
-    """Symmetric ``delta = max(|x_min|, x_max) / qmax`` per group, once ``signed`` is known; ``zero_float = 0``."""
+    """Symmetric ``delta`` per group, once ``signed`` is known; ``zero_float = 0``."""
     q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     qmask = q < Q
-    x_min = _minimum(tl.load(p_rmin + q, mask=qmask, other=0.0), 0.0)
-    x_max = _maximum(tl.load(p_rmax + q, mask=qmask, other=0.0), 1e-8)
-    qmax = tl.where(tl.load(p_signed) != 0, half - 1.0, full)
-    tl.store(p_delta + q, tl.math.div_rn(_maximum(tl.abs(x_min), x_max), qmax), mask=qmask)
+    tl.store(p_delta + q, _symmetric_delta(p_rmin, p_rmax, p_signed, q, qmask, full, half), mask=qmask)
     tl.store(p_zf + q, tl.zeros([BLOCK], dtype=tl.float32), mask=qmask)
 
 
@@ -190,6 +215,18 @@ def _group_range_grads_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _k(kernel, wrap):
+    """``kernel`` to launch: as it is (eager), or ``wrap(kernel)`` (``wrap_triton`` inside a ``triton_op``: the
+    launch becomes a node that inductor launches itself)."""
+    return kernel if wrap is None else wrap(kernel)
+
+
+def _opts(wrap) -> dict:
+    # inductor takes no enable_fp_fusion: these kernels' values do not depend on contraction (no product
+    # feeds an add unless it is exact: a power-of-two scaling, or behind a select, as in _ema)
+    return LAUNCH_OPTS if wrap is None else {}
+
+
 def _blocks(q: int, group_len: int) -> tuple[int, int, int]:
     """``(BLOCK_G, BLOCK_T, num_warps)``: a group's columns (up to ``_MAX_BLOCK_T``), as many groups as fit."""
     block_t = min(_next_pow2(max(group_len, 1)), _MAX_BLOCK_T)
@@ -212,15 +249,20 @@ def _grid_consts(n_bits: int) -> tuple[float, float]:
 
 
 def _u8(signed: torch.Tensor) -> torch.Tensor:
-    if signed.dtype != torch.bool or signed.dim() != 0:
-        raise ValueError(f"signed must be a 0-dim bool tensor, got {signed.dtype} of shape {tuple(signed.shape)}")
+    if signed.dtype != torch.bool or signed.numel() != 1:
+        raise ValueError(f"signed must be a one-element bool tensor, got {signed.dtype} of shape {tuple(signed.shape)}")
     return signed.view(torch.uint8)
 
 
 def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric: bool, group_len: int,
-                            with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            with_mask: bool, ranges: tuple | None = None,
+                            wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``group_fake_quant`` in one launch: ``(y, mask)``, both contiguous in ``x``'s shape (mask empty
-    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference."""
+    unless ``with_mask``). Parameters fp32 ``[C, n_groups]``; bit-identical to the reference.
+
+    ``ranges=(range_min, range_max)`` (symmetric): compute ``delta`` from them and ``signed`` and write it
+    (and ``zero_float``) on the way, as :func:`group_update_range_triton` would (see :func:`group_train_triton`).
+    """
     xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant")
     full, half = _grid_consts(n_bits)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -229,17 +271,18 @@ def group_fake_quant_triton(x, delta, zero_float, signed, n_bits: int, symmetric
     if q and k:
         block_g, block_t, warps = _blocks(q, group_len)
         grid = (triton.cdiv(q, block_g), triton.cdiv(group_len, block_t))
-        with _device_ctx(x):
-            _group_fake_quant_kernel[grid](
-                xr, y, mask.view(torch.uint8) if with_mask else y, delta.contiguous(), zero_float.contiguous(),
-                _u8(signed), q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), BLOCK_G=block_g, BLOCK_T=block_t,
-                num_warps=warps, **LAUNCH_OPTS,
+        rmin, rmax = ranges if ranges is not None else (delta, delta)
+        with device_ctx(x):
+            _k(_group_fake_quant_kernel, wrap)[grid](
+                xr, y, mask.view(torch.uint8) if with_mask else y, delta, zero_float, _u8(signed), rmin, rmax,
+                q, ng, k, group_len, full, half,
+                SYMMETRIC=bool(symmetric), HAS_MASK=bool(with_mask), FROM_RANGE=ranges is not None,
+                BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_opts(wrap),
             )
     return y, mask
 
 
-def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_minmax_triton(x: torch.Tensor, group_len: int, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max (fp32 ``[C, n_groups]``) of the finite values of each group: one launch."""
     xr, c, k, ng = _as_rows(x.detach(), group_len, "group_minmax")
     bmin = torch.empty((c, ng), dtype=torch.float32, device=x.device)
@@ -247,9 +290,10 @@ def group_minmax_triton(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, 
     q = c * ng
     if q:
         block_g, block_t, warps = _blocks(q, group_len)
-        with _device_ctx(x):
-            _group_minmax_kernel[(triton.cdiv(q, block_g),)](xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g,
-                                                               BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS)
+        with device_ctx(x):
+            _k(_group_minmax_kernel, wrap)[(triton.cdiv(q, block_g),)](
+                xr, bmin, bmax, q, ng, k, group_len, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
+                **_opts(wrap))
     return bmin, bmax
 
 
@@ -266,9 +310,12 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 
 def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
-                              group_len: int, estimator: int, momentum: float, first: bool) -> None:
+                              group_len: int, estimator: int, momentum: float, first: bool,
+                              qparams: bool = True, workspace: torch.Tensor | None = None, wrap=None) -> None:
     """``group_update_range`` (see ``group_quant.py``): one launch (asymmetric) or two (symmetric), no host
-    synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim)."""
+    synchronisation. The state tensors are fp32 contiguous ``[C, n_groups]`` (``signed``: bool 0-dim).
+    ``qparams=False`` leaves a symmetric ``delta`` to the fake-quant launch that follows (``group_train_triton``);
+    ``workspace``: the quantizer's int32 ``[2]`` (zeros between launches), else one per device."""
     xr, c, k, ng = _as_rows(x.detach(), group_len, "group_update_range")
     full, half = _grid_consts(n_bits)
     if estimator not in (ESTIMATOR_CURRENT, ESTIMATOR_ALL, ESTIMATOR_RUNNING):
@@ -284,26 +331,39 @@ def group_update_range_triton(x, range_min, range_max, delta, zero_float, signed
     signed_u8 = _u8(signed)
     block_g, block_t, warps = _blocks(q, group_len)
     n_programs = triton.cdiv(q, block_g)
-    with _device_ctx(x):
+    with device_ctx(x):
         if q == 0:
             if symmetric:
                 signed.fill_(False)
             return
-        _group_range_kernel[(n_programs,)](
-            xr, range_min, range_max, delta, zero_float, signed_u8, _workspace(x.device),
+        _k(_group_range_kernel, wrap)[(n_programs,)](
+            xr, range_min, range_max, delta, zero_float, signed_u8,
+            _workspace(x.device) if workspace is None else workspace,
             q, ng, k, group_len, n_programs, 1.0 - momentum, momentum, full,
             SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps,
-            **LAUNCH_OPTS,
+            **_opts(wrap),
         )
-        if symmetric:
+        if symmetric and qparams:
             block = min(_next_pow2(q), 1024)
-            _group_symmetric_qparams_kernel[(triton.cdiv(q, block),)](
-                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **LAUNCH_OPTS,
+            _k(_group_symmetric_qparams_kernel, wrap)[(triton.cdiv(q, block),)](
+                range_min, range_max, delta, zero_float, signed_u8, q, full, half, BLOCK=block, **_opts(wrap),
             )
 
 
+def group_train_triton(x, range_min, range_max, delta, zero_float, signed, n_bits: int, symmetric: bool,
+                       group_len: int, estimator: int, momentum: float, with_mask: bool,
+                       workspace: torch.Tensor | None = None):
+    """A training forward in two launches: the range update, then the fake quantization (which, symmetric,
+    also computes and stores ``delta``). Returns ``(y, mask)`` as :func:`group_fake_quant_triton`; the state is
+    what ``group_update_range`` leaves, bit for bit."""
+    group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
+                              estimator, momentum, False, qparams=not symmetric, workspace=workspace)
+    return group_fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask,
+                                   (range_min, range_max) if symmetric else None)
+
+
 def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, symmetric: bool,
-                             group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             group_len: int, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """LSQ gradients ``(grad_delta, grad_zero_float)`` (fp32 ``[C, n_groups]``) of ``group_fake_quant``:
     one launch, each group summed by one program (deterministic)."""
     xr, c, k, ng = _as_rows(x, group_len, "group_fake_quant_range_grads")
@@ -315,10 +375,46 @@ def group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits: int, sy
     q = c * ng
     if q:
         block_g, block_t, warps = _blocks(q, group_len)
-        with _device_ctx(x):
-            _group_range_grads_kernel[(triton.cdiv(q, block_g),)](
+        with device_ctx(x):
+            _k(_group_range_grads_kernel, wrap)[(triton.cdiv(q, block_g),)](
                 grad.reshape(c, k).contiguous(), xr, delta.contiguous(), zero_float.contiguous(), _u8(signed),
                 grad_delta, grad_zf, q, ng, k, group_len, full, half,
-                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **LAUNCH_OPTS,
+                SYMMETRIC=bool(symmetric), BLOCK_G=block_g, BLOCK_T=block_t, num_warps=warps, **_opts(wrap),
             )
     return grad_delta, grad_zf
+
+
+# --------------------------------------------------------------------------------------------
+# the same launches as torch.library.triton_op: what traced code calls on GPU tensors (_triton_ops.py)
+# --------------------------------------------------------------------------------------------
+
+
+@triton_op("tquant::group_fake_quant_triton", mutates_args=())
+def group_fake_quant_op(x: torch.Tensor, delta: torch.Tensor, zero_float: torch.Tensor, signed: torch.Tensor,
+                        n_bits: int, symmetric: bool, group_len: int,
+                        with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tquant::group_fake_quant`` as a ``triton_op``; autograd in ``group_quant.py``."""
+    return group_fake_quant_triton(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask,
+                                   wrap=wrap_triton)
+
+
+@triton_op("tquant::group_fake_quant_range_grads_triton", mutates_args=())
+def group_range_grads_op(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, zero_float: torch.Tensor,
+                         signed: torch.Tensor, n_bits: int, symmetric: bool,
+                         group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return group_range_grads_triton(grad, x, delta, zero_float, signed, n_bits, symmetric, group_len,
+                                    wrap=wrap_triton)
+
+
+@triton_op("tquant::group_update_range_triton",
+           mutates_args=("workspace", "range_min", "range_max", "delta", "zero_float", "signed"))
+def group_update_range_op(x: torch.Tensor, workspace: torch.Tensor, range_min: torch.Tensor,
+                          range_max: torch.Tensor, delta: torch.Tensor, zero_float: torch.Tensor,
+                          signed: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int,
+                          momentum: float) -> None:
+    """``tquant::group_update_range`` with the quantizer's workspace (int32 ``[2]``), as a ``triton_op``."""
+    group_update_range_triton(x, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
+                              estimator, momentum, False, workspace=workspace, wrap=wrap_triton)
+
+
+masked_autograd("group_fake_quant_triton", group_fake_quant_op, group_range_grads_op, 2)

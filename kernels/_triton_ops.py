@@ -56,13 +56,15 @@ def update_range_triton(
     estimator: int,
     momentum: float,
     first: bool,
+    fp8_max: float = 0.0,
 ) -> None:
     """``update_range`` (see ``_triton_range.update_range_triton``) with the caller's workspace and counter
-    (``range_update.range_workspace``)."""
+    (``range_update.range_workspace``). ``fp8_max > 0``: an FP8 quantizer's range (``delta = max(|x_min|,
+    x_max) / fp8_max``; ``zero_float`` 0, ``signed`` written but unused)."""
     plan = TritonPlan(x, axis)
     if plan.contiguous:
         x = x.contiguous()
-    full, half = grid_consts(n_bits)
+    full, half = (fp8_max, fp8_max + 1.0) if fp8_max > 0 else grid_consts(n_bits)
     n_programs = max(plan.n_programs, 1)
     wrap_triton(_update_range_kernel)[(n_programs,)](
         x, workspace, arrivals, range_min, range_max, delta, zero_float, signed,

@@ -384,21 +384,24 @@ def range_rule(estimator: int, first: bool = False) -> int:
 
 
 def update_range_launcher(plan: TritonPlan, n_bits: int, symmetric: bool, rule: int, momentum: float,
-                          x_aligned: bool) -> Launcher:
+                          x_aligned: bool, grid: tuple[float, float] | None = None) -> Launcher:
     """The plan's bound :func:`_update_range_kernel` variant; called with ``(x, workspace, counter,
-    range_min, range_max, delta, zero_float, signed)`` (``x`` contiguous when the plan says so)."""
-    full, half = grid_consts(n_bits)
+    range_min, range_max, delta, zero_float, signed)`` (``x`` contiguous when the plan says so).
+    ``grid``: ``(full, half)`` in place of ``grid_consts(n_bits)`` (FP8: ``(max, max + 1)``, so a symmetric
+    ``delta`` is ``max(|x_min|, x_max) / max`` whatever the sign)."""
+    full, half = grid or grid_consts(n_bits)
     n_programs = max(plan.n_programs, 1)
     tail = (plan.rows, plan.cols, *plan.sx, plan.n_split, n_programs, plan.n_channels, 1.0 - momentum, momentum,
             full, half)
     constexprs = dict(PER_CHANNEL=plan.per_channel, SYMMETRIC=bool(symmetric), RULE=rule, BLOCK_C=plan.block_c,
                       BLOCK_R=plan.block_r, FIN_C=plan.fin_c)
-    return plan.launcher(("update_range", n_bits, bool(symmetric), rule, momentum, x_aligned), lambda: Launcher(
+    return plan.launcher(("update_range", n_bits, bool(symmetric), rule, momentum, x_aligned, grid), lambda: Launcher(
         _update_range_kernel, (n_programs,), tail, constexprs, dict(num_warps=plan.num_warps, **LAUNCH_OPTS)))
 
 
 def launch_update_range(plan, x, workspace, range_min, range_max, delta, zero_float, signed, n_bits: int,
-                        symmetric: bool, estimator: int, momentum: float, first: bool = False) -> None:
+                        symmetric: bool, estimator: int, momentum: float, first: bool = False,
+                        grid: tuple[float, float] | None = None) -> None:
     """One launch of :func:`_update_range_kernel` on a checked input (see ``update_range_triton``).
 
     ``plan`` is the :class:`~tquant.kernels._triton_plan.TritonPlan` of ``x``; ``workspace`` the
@@ -407,5 +410,5 @@ def launch_update_range(plan, x, workspace, range_min, range_max, delta, zero_fl
     if plan.contiguous:
         x = x.contiguous()
     launcher = update_range_launcher(plan, n_bits, symmetric, range_rule(estimator, first), momentum,
-                                     x.data_ptr() % 16 == 0)
+                                     x.data_ptr() % 16 == 0, grid)
     launcher(x, *workspace, range_min, range_max, delta, zero_float, signed)

@@ -15,8 +15,9 @@ Ops (``torch.library``, with fake kernels):
   ``-max <= x / scale <= max`` laid out like ``torch.empty_like(x)``; autograd ``grad * mask`` for ``x`` and,
   with a learned scale, ``fp8_fake_quant_range_grads``;
 - ``fp8_update_range(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first)``: the batch
-  range (``batch_minmax``), the min/max estimators' update and ``delta``, in place, with no host
-  synchronisation on a GPU.
+  range, the min/max estimators' update and ``delta``, in place, with no host synchronisation on a GPU
+  (Triton: one launch of the integer quantizers' range kernel with the FP8 grid; torch: ``batch_minmax`` and
+  a few tensor ops).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .range_update import _batch_minmax_op
 from .reference import EPS, param_view, update_range_reference
 
 __all__ = ["Fp8Call", "fp8_fake_quant", "fp8_fake_quant_forward", "fp8_fake_quant_range_grads",
-           "fp8_finalize_range", "fp8_update_range"]
+           "fp8_finalize_range", "fp8_update_range", "fp8_update_range_op"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -45,11 +46,11 @@ def _check(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int) -> None:
     want = (x.shape[0],) if axis == 0 and x.dim() else ()
     if axis == 0 and x.dim() == 0:
         raise ValueError("fp8 quantization: per-channel scales (axis=0) need x.dim() >= 1")
-    per_tensor_param = axis < 0 and tuple(delta.shape) == (1,)  # a quantizer's per-tensor state is [1] (FSDP2)
-    if (tuple(delta.shape) != want and not per_tensor_param) or delta.device != x.device:
+    per_tensor_ok = axis < 0 and tuple(delta.shape) in ((), (1,))  # 0-dim, or [1] (sharded state)
+    if (tuple(delta.shape) != want and not per_tensor_ok) or delta.device != x.device:
         raise ValueError(
             f"fp8 quantization: delta of shape {tuple(delta.shape)} on {delta.device} does not match x of shape "
-            f"{tuple(x.shape)} on {x.device} with axis={axis} (expected {want or '() or (1,)'})"
+            f"{tuple(x.shape)} on {x.device} with axis={axis} (expected {want})"
         )
 
 
@@ -63,7 +64,8 @@ def like_empty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _fp8_fake_quant_torch(x, delta, fmt, axis, with_mask):
     top = fp8_max(fmt)
-    s = param_view(torch.clamp(delta.float(), min=EPS), x, axis)
+    scale = torch.clamp(delta.float(), min=EPS)
+    s = param_view(scale, x, axis) if axis >= 0 else scale.reshape(())
     v = torch.div(x.float(), s)
     mask = like_empty(x, (v >= -top) & (v <= top)) if with_mask else x.new_empty(0, dtype=torch.bool)
     c = v.clamp_(-top, top).to(FP8_DTYPES[fmt]).float()
@@ -147,8 +149,36 @@ def fp8_fake_quant(x: torch.Tensor, delta: torch.Tensor, fmt: str, axis: int = -
         return fp8_fake_quant_reference(x, delta, fmt, axis)
     with_mask = torch.is_grad_enabled() and x.requires_grad
     op = fp8_fake_quant_forward if torch.compiler.is_compiling() else _Fp8FakeQuantFunction.apply
+    if op is fp8_fake_quant_forward and backend.resolve(x) == "triton":
+        from . import _triton_ops
+
+        if _triton_ops.traced_triton(x):  # a triton_op: inductor launches the kernel itself
+            from ._triton_fp8 import fp8_fake_quant_op as op
     y, _ = op(x, delta, fmt, axis, with_mask)
     return y
+
+
+def _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first, state=None):
+    """The range update on ``x``'s lane. Triton: one launch of the integer quantizers' range kernel with the
+    FP8 grid (``_triton_range``: ``full = max``, ``half = max + 1``, so the symmetric ``delta`` is
+    ``max(|x_min|, x_max) / max``), writing ``zero_float`` (0) and ``signed`` (unused) too: ``state`` gives
+    those and the quantizer's workspace ``(zero_float, signed, workspace, arrivals)``, else temporaries."""
+    _check(x, delta, fmt, axis)
+    if backend.resolve(x) == "triton":
+        from ._triton_plan import plan_for
+        from ._triton_range import launch_update_range, plan_workspace
+
+        plan = plan_for(x, axis)
+        if state is None:
+            state = (torch.empty_like(delta), torch.empty((), dtype=torch.bool, device=x.device),
+                     *plan_workspace(plan))
+        zero_float, signed, *workspace = state
+        top = fp8_max(fmt)
+        launch_update_range(plan, x.detach(), workspace, range_min, range_max, delta, zero_float, signed, 8, True,
+                            estimator, momentum, first, grid=(top, top + 1.0))
+        return
+    bmin, bmax = _batch_minmax_op(x.detach(), axis)
+    fp8_finalize_range(bmin, bmax, range_min, range_max, delta, fmt, estimator, momentum, first)
 
 
 def _fp8_update_range_op(
@@ -163,9 +193,7 @@ def _fp8_update_range_op(
     first: bool,
 ) -> None:
     """The batch range of ``x`` (finite values), the estimator's update and ``delta``, written in place."""
-    _check(x, delta, fmt, axis)
-    bmin, bmax = _batch_minmax_op(x.detach(), axis)
-    fp8_finalize_range(bmin, bmax, range_min, range_max, delta, fmt, estimator, momentum, first)
+    _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first)
 
 
 def fp8_finalize_range(bmin, bmax, range_min, range_max, delta, fmt: str, estimator: int, momentum: float,
@@ -179,8 +207,28 @@ def fp8_finalize_range(bmin, bmax, range_min, range_max, delta, fmt: str, estima
         delta.copy_(fp8_qparams_from_range(new_min, new_max, fmt))
 
 
-fp8_update_range = define_op("fp8_update_range", _fp8_update_range_op,
-                             mutates_args=("range_min", "range_max", "delta"))
+fp8_update_range_op = define_op("fp8_update_range", _fp8_update_range_op,
+                                mutates_args=("range_min", "range_max", "delta"))
+
+
+def fp8_update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tensor, delta: torch.Tensor,
+                     fmt: str, axis: int, estimator: int, momentum: float, first: bool,
+                     state: tuple | None = None) -> None:
+    """The op's work from eager or traced code. ``state``: the quantizer's ``(zero_float, signed, workspace,
+    arrivals)``; with it, traced code on the Triton lane calls ``tquant::update_range_triton`` with the FP8 grid
+    (a ``triton_op``: inductor launches the kernel itself), else the registered op ``tquant::fp8_update_range``."""
+    if not torch.compiler.is_compiling():
+        _fp8_update_range_impl(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first, state)
+        return
+    if state is not None and backend.resolve(x) == "triton":
+        from . import _triton_ops
+
+        if _triton_ops.traced_triton(x):
+            zero_float, signed, workspace, arrivals = state
+            _triton_ops.update_range_triton(x, workspace, arrivals, range_min, range_max, delta, zero_float, signed,
+                                            8, True, axis, estimator, momentum, first, fp8_max(fmt))
+            return
+    fp8_update_range_op(x, range_min, range_max, delta, fmt, axis, estimator, momentum, first)
 
 
 @torch.library.register_fake("tquant::fp8_update_range")
@@ -192,8 +240,8 @@ class Fp8Call:
     """An FP8 quantizer's eager forward, planned once per input layout (as ``QuantizerCall``).
 
     ``state``: the ``(dict, key)`` pairs of ``delta``, ``zero_float``, ``signed``, ``range_min``,
-    ``range_max`` (``zero_float`` and ``signed`` are not used by FP8). ``train(x)``: range update and
-    ``delta``, then the fake quantization; ``fixed(x)``: the fake quantization alone.
+    ``range_max`` and the estimator's workspace (FP8 uses ``delta`` and the range only). ``train(x)``: the
+    range update and ``delta``, then the fake quantization; ``fixed(x)``: the fake quantization alone.
     """
 
     def __init__(self, x: torch.Tensor, fmt: str, axis: int, estimator: int | None, momentum: float, state):
@@ -205,9 +253,10 @@ class Fp8Call:
         self.state = state
 
     def update(self, x: torch.Tensor) -> None:
-        (d, kd), _, _, (lo, klo), (hi, khi) = self.state[:5]
-        _fp8_update_range_op(x.detach(), lo[klo], hi[khi], d[kd], self.fmt, self.axis, self.estimator,
-                             self.momentum, False)
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = self.state[:5]
+        state = (z[kz], s[ks], *(b[k] for b, k in self.state[5:7])) if len(self.state) >= 7 else None
+        _fp8_update_range_impl(x.detach(), lo[klo], hi[khi], d[kd], self.fmt, self.axis, self.estimator,
+                               self.momentum, False, state)
 
     def train(self, x: torch.Tensor) -> torch.Tensor:
         self.update(x)

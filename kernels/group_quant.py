@@ -40,6 +40,7 @@ __all__ = [
     "group_minmax",
     "group_rows",
     "group_update_range",
+    "group_update_range_op",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -218,6 +219,11 @@ def group_fake_quant(
         return group_fake_quant_reference(x, delta, zero_float, signed, n_bits, symmetric, group_len)
     with_mask = torch.is_grad_enabled() and x.requires_grad
     op = group_fake_quant_forward if torch.compiler.is_compiling() else _GroupFakeQuantFunction.apply
+    if op is group_fake_quant_forward and backend.resolve(x) == "triton":
+        from . import _triton_ops
+
+        if _triton_ops.traced_triton(x):  # a triton_op: inductor launches the kernel itself
+            from ._triton_group import group_fake_quant_op as op
     y, _ = op(x, delta, zero_float, signed, n_bits, symmetric, group_len, with_mask)
     return y
 
@@ -278,8 +284,33 @@ def _group_update_range_op(
                         momentum, first)
 
 
-group_update_range = define_op("group_update_range", _group_update_range_op,
-                               mutates_args=("range_min", "range_max", "delta", "zero_float", "signed"))
+group_update_range_op = define_op("group_update_range", _group_update_range_op,
+                                  mutates_args=("range_min", "range_max", "delta", "zero_float", "signed"))
+
+
+def group_update_range(x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tensor, delta: torch.Tensor,
+                       zero_float: torch.Tensor, signed: torch.Tensor, n_bits: int, symmetric: bool, group_len: int,
+                       estimator: int, momentum: float, first: bool, workspace: torch.Tensor | None = None) -> None:
+    """The op's work (see ``_group_update_range_op``) from eager or traced code.
+
+    Eager code runs the implementation directly; traced code calls ``tquant::group_update_range_triton`` (a
+    ``triton_op``: inductor launches its kernels) on the Triton lane when the quantizer's ``workspace``
+    (int32 ``[2]``) is given, else the registered op ``tquant::group_update_range``.
+    """
+    args = (n_bits, symmetric, group_len, estimator, momentum, first)
+    if not torch.compiler.is_compiling():
+        _group_update_range_op(x, range_min, range_max, delta, zero_float, signed, *args)
+        return
+    if workspace is not None and backend.resolve(x) == "triton":
+        from . import _triton_ops
+
+        if _triton_ops.traced_triton(x):
+            from ._triton_group import group_update_range_op as traced
+
+            traced(x, workspace, range_min, range_max, delta, zero_float, signed, n_bits, symmetric, group_len,
+                   0 if first else estimator, momentum)
+            return
+    group_update_range_op(x, range_min, range_max, delta, zero_float, signed, *args)
 
 
 @torch.library.register_fake("tquant::group_update_range")
@@ -296,9 +327,10 @@ class GroupCall:
     """A group-wise quantizer's eager forward, planned once per input layout (as ``QuantizerCall``).
 
     ``state`` is the ``(dict, key)`` pairs of ``delta``, ``zero_float``, ``signed``, ``range_min``,
-    ``range_max`` (looked up at each call). ``train(x)``: the min/max estimators' update, then the fake
-    quantization (torch: one vectorised pass each; Triton: see ``_triton_group``); ``fixed(x)``: the
-    fake quantization alone (learned ranges get their gradients).
+    ``range_max`` and the estimator's workspace, int32 ``[2]`` (looked up at each call). ``train(x)``: the
+    min/max estimators' update, then the fake quantization (torch: a few vectorised passes; Triton: two
+    launches, ``group_train_triton``, saving the 1-byte mask); ``fixed(x)``: the fake quantization alone (one
+    launch; learned ranges get their gradients).
     """
 
     def __init__(self, x: torch.Tensor, n_bits: int, symmetric: bool, group_len: int, estimator: int | None,
@@ -320,10 +352,33 @@ class GroupCall:
                                self.group_len, self.estimator, self.momentum, False)
 
     def train(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lane == "triton":  # two launches (range, then fake quant), gradient grad * mask
+            return _GroupTrainTriton.apply(x, self, torch.is_grad_enabled() and x.requires_grad)
         self.update(x)
         return self.fixed(x)
 
     def fixed(self, x: torch.Tensor) -> torch.Tensor:
         delta, zero_float, signed = self.params()
         return group_fake_quant(x, delta, zero_float, signed, self.n_bits, self.symmetric, self.group_len)
+
+
+class _GroupTrainTriton(torch.autograd.Function):
+    """A training forward with range estimation on the Triton lane (``group_train_triton``); saves the mask.
+    (Ranges are never learned while they are estimated, so ``x`` is the only input with a gradient.)"""
+
+    @staticmethod
+    def forward(ctx, x, call, with_mask):
+        from ._triton_group import group_train_triton
+
+        (d, kd), (z, kz), (s, ks), (lo, klo), (hi, khi) = call.state[:5]
+        work = call.state[5][0][call.state[5][1]] if len(call.state) > 5 else None
+        y, mask = group_train_triton(x.detach(), lo[klo], hi[khi], d[kd], z[kz], s[ks], call.n_bits, call.symmetric,
+                                     call.group_len, call.estimator, call.momentum, with_mask, work)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
 

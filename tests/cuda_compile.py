@@ -51,6 +51,13 @@ SEARCH = [
     (tquant.RangeEstimators.current_minmax, {"percentile": 1.0}),
 ]
 SEARCH_LAYOUTS = [((1000,), "plain"), ((33, 17, 5), "plain")]
+# Group-wise weights (shape, group size, dtypes, symmetries): a Linear's with a shorter last group in fp32 and
+# bf16, and a conv's (groups of whole input channels with their kernels). FP8: both formats per tensor and per
+# channel on SUBSET in fp32, E4M3 in bf16 too (the format is constexpr: each compiles apart).
+GROUP_CASES = [((96, 300), 128, [torch.float32, torch.bfloat16], (True, False)),
+               ((16, 8, 3, 3), 2, [torch.float32], (True,))]
+FP8_CASES = [("fp8_e4m3", [torch.float32, torch.bfloat16]), ("fp8_e5m2", [torch.float32])]
+FP8_PAIRS = [(False, True), (True, True)]  # (per channel, symmetric): FP8 is symmetric
 
 
 def make_input(shape, view, dtype) -> torch.Tensor:
@@ -67,10 +74,12 @@ def make_input(shape, view, dtype) -> torch.Tensor:
     return torch.randn(shape, dtype=dtype)
 
 
-def manager(symmetric: bool, per_channel: bool, estimator, params=None, n_bits: int = 8, channels=None):
+def manager(symmetric: bool, per_channel: bool, estimator, params=None, n_bits: int = 8, channels=None, **extra):
+    """``extra``: more quantizer arguments (``fmt``, ``group_size`` with ``weight_shape``)."""
     qmethod = tquant.QMethods.symmetric_uniform if symmetric else tquant.QMethods.asymmetric_uniform
-    return tquant.QuantizationManager(qmethod, estimator, per_channel=per_channel, qparams={"n_bits": n_bits},
-                                      init_params=params, n_channels=channels).train()
+    return tquant.QuantizationManager(qmethod, estimator, per_channel=per_channel,
+                                      qparams={"n_bits": n_bits, **extra}, init_params=params,
+                                      n_channels=channels).train()
 
 
 def qat_steps(qm, x: torch.Tensor, learned: bool = True, sync: bool = False) -> None:
@@ -127,6 +136,20 @@ def drive() -> None:
         K.update_range(x, *state, torch.zeros((), dtype=torch.bool), 4, symmetric, axis, K.ESTIMATOR_RUNNING,
                        0.9, True)
         K.fake_quant_forward(x, state[2], state[3], torch.zeros((), dtype=torch.bool), 4, symmetric, axis, True)
+    for shape, group_size, dtypes, symmetries in GROUP_CASES:
+        for dtype in dtypes:
+            x = torch.randn(shape, dtype=dtype)
+            for symmetric in symmetries:
+                qm = manager(symmetric, True, running, n_bits=4, channels=shape[0], group_size=group_size,
+                             weight_shape=shape)
+                qat_steps(qm, x, sync=True)
+                q = qm.quantizer  # the standalone op: the symmetric update's second launch of its own
+                ranges = [torch.full_like(q._delta, float("nan")) for _ in range(2)]
+                K.group_update_range(x, *ranges, q._delta, q._zero_float, q._signed, 4, symmetric, q.group_len,
+                                     K.ESTIMATOR_RUNNING, 0.9, False)
+    for fmt, dtypes in FP8_CASES:
+        for x, per_channel, channels, _ in _cases(SUBSET[:1] + SUBSET[2:], dtypes, FP8_PAIRS):
+            qat_steps(manager(True, per_channel, running, channels=channels, fmt=fmt), x)
     for x, per_channel, channels, symmetric in [*_cases(SEARCH_LAYOUTS, [torch.float32]),
                                                 *_cases(SEARCH_LAYOUTS[1:], [torch.bfloat16], PAIRS)]:
         for estimator, params in SEARCH:

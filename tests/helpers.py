@@ -55,3 +55,9 @@ def small_qmap(w_bits=8, a_bits=8, symmetric=True, per_channel=False, act_symmet
     )
     tquant.append_default_conversions(qmap)
     return qmap
+
+
+def lane_device(lane: str) -> str:
+    """Where a test runs a lane's kernels: the GPU for ``triton`` when there is one (else the interpreter, on
+    CPU tensors), the CPU otherwise."""
+    return "cuda" if lane == "triton" and torch.cuda.is_available() else "cpu"

@@ -5,7 +5,8 @@ Run by ``tests/test_triton_offline.py`` in a process of its own (``TRITON_INTERP
 Writes a JSON report of facts for the test to assert on:
 
 - ``graphs``: the call targets of the AOT forward and backward graphs of converted models compiled
-  with ``fullgraph=True`` on the Triton lane (training, and learned ranges);
+  with ``fullgraph=True`` on the Triton lane (training, and learned ranges), one of them with group-wise and
+  FP8 quantizers;
 - ``workspace``: the quantizers' range-update workspaces exist right after conversion and are the
   same tensors after training steps (nothing allocated per call, so nothing inside a capture);
 - ``binding``: how many launches went through ``JITFunction.run`` (one compile per variant) and how
@@ -58,10 +59,21 @@ def graph_targets(model: nn.Module, x: torch.Tensor) -> dict:
     return {"forward": names[0], "backward": names[1] if len(names) > 1 else []}
 
 
+def formats_qmap() -> tquant.QuantizationMap:
+    """Group-wise asymmetric W4 (g16) with int8 outputs, then FP8 weights (per channel) and outputs."""
+    group = tquant.QuantizationConfig(tquant.ActivationQuantConfig(8),
+                                      tquant.WeightQuantConfig(4, False, group_size=16))
+    fp8 = tquant.QuantizationConfig(tquant.ActivationQuantConfig(8, fmt="fp8_e5m2"),
+                                    tquant.WeightQuantConfig(8, True, True, fmt="fp8_e4m3"))
+    return tquant.QuantizationMap(instance_qconfig_map={"0": tquant.QuantizedModuleConfig(tquant.QuantLinear, group),
+                                                        "2": tquant.QuantizedModuleConfig(tquant.QuantLinear, fp8)})
+
+
 def check_graphs() -> dict:
     out = {}
-    for name, model, x in models():
-        qmodel = tquant.convert_to_quantized(model, qmap()).train()
+    formats = ("formats", nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), torch.randn(8, 16))
+    for name, model, x in [*models(), formats]:
+        qmodel = tquant.convert_to_quantized(model, formats_qmap() if name == "formats" else qmap()).train()
         out[name] = graph_targets(qmodel, x)
         tquant.learn_ranges(qmodel)
         out[name + "-learned"] = graph_targets(qmodel, x)

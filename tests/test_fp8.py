@@ -22,7 +22,8 @@ from tquant.kernels import fp8_reference as FR
 from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, lane_device
+from test_launches import launches  # noqa: F401  (the fixture that records Triton launches)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]  # the interpreter's numpy
@@ -45,14 +46,14 @@ def sweep(fmt: str) -> torch.Tensor:
 @pytest.mark.parametrize("lane", LANES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_value_rounds_as_the_reference(lane, fmt):
-    x = sweep(fmt)
+    x, dev = sweep(fmt), lane_device(lane)
     for delta in (torch.tensor(1.0), torch.tensor(0.37), torch.tensor(1e-12)):  # the last clamps to EPS
         want = FR.fp8_fake_quant_reference(x, delta, fmt)
         with K.use_backend(lane):
-            y, mask = F8.fp8_fake_quant_forward(x, delta, fmt, -1, True)
+            y, mask = F8.fp8_fake_quant_forward(x.to(dev), delta.to(dev), fmt, -1, True)
         assert_bits_equal(y, want, f"{fmt} delta={float(delta)}")
         v = x / torch.clamp(delta, min=K.EPS)
-        assert torch.equal(mask, (v >= -FR.fp8_max(fmt)) & (v <= FR.fp8_max(fmt)))
+        assert torch.equal(mask.cpu(), (v >= -FR.fp8_max(fmt)) & (v <= FR.fp8_max(fmt)))
 
 
 def test_reference_is_the_saturating_cast():
@@ -76,9 +77,10 @@ def test_per_channel_layouts(lane, layout, dtype):
         x = x[:, :, ::2]
     x = x.to(dtype)
     delta = torch.rand(4) * 0.2 + 0.01
+    dev = lane_device(lane)
     with K.use_backend(lane):
-        y, mask = F8.fp8_fake_quant_forward(x, delta, "fp8_e4m3", 0, True)
-    assert y.stride() == torch.empty_like(x).stride() and mask.stride() == y.stride()
+        y, mask = F8.fp8_fake_quant_forward(x.to(dev), delta.to(dev), "fp8_e4m3", 0, True)
+    assert y.stride() == torch.empty_like(x.to(dev)).stride() and mask.stride() == y.stride()
     assert_bits_equal(y, FR.fp8_fake_quant_reference(x, delta, "fp8_e4m3", 0), layout)
 
 
@@ -95,11 +97,12 @@ def test_range_update(lane, axis):
     x = torch.randn(6, 10) * 4
     x[1, 3] = float("nan")
     shape = (6,) if axis == 0 else ()
+    dev = lane_device(lane)
     for estimator in (K.ESTIMATOR_CURRENT, K.ESTIMATOR_ALL, K.ESTIMATOR_RUNNING):
         old = torch.full(shape, 0.25)
-        state = [-old.clone(), old.clone(), torch.zeros(shape)]
+        state = [t.clone().to(dev) for t in (-old, old, torch.zeros(shape))]
         with K.use_backend(lane):
-            F8.fp8_update_range(x, *state, "fp8_e5m2", axis, estimator, 0.9, False)
+            F8.fp8_update_range(x.to(dev), *state, "fp8_e5m2", axis, estimator, 0.9, False)
         lo, hi = R.batch_minmax_reference(x, axis)
         new_lo, new_hi = R.update_range_reference(lo, hi, -old, old, estimator, 0.9)
         assert_bits_equal(state[0], new_lo, "min")
@@ -115,13 +118,14 @@ def test_gradients(lane, axis):
     g = torch.randn(5, 40)
     xr, dr = x.clone().requires_grad_(), delta.clone().requires_grad_()
     FR.fp8_fake_quant_reference(xr, dr, "fp8_e4m3", axis).backward(g)
-    xt, dt = x.clone().requires_grad_(), delta.clone().requires_grad_()
+    dev = lane_device(lane)
+    xt, dt = x.to(dev).requires_grad_(), delta.to(dev).requires_grad_()
     with K.use_backend(lane):
-        F8.fp8_fake_quant(xt, dt, "fp8_e4m3", axis).backward(g)
+        F8.fp8_fake_quant(xt, dt, "fp8_e4m3", axis).backward(g.to(dev))
     inside = (x / delta.reshape(-1, 1) if axis == 0 else x / delta).abs() <= 448
-    assert torch.equal(xt.grad, g * inside)
-    torch.testing.assert_close(xt.grad, xr.grad)
-    torch.testing.assert_close(dt.grad, dr.grad, rtol=1e-4, atol=1e-3)
+    assert torch.equal(xt.grad.cpu(), g * inside)
+    torch.testing.assert_close(xt.grad.cpu(), xr.grad)
+    torch.testing.assert_close(dt.grad.cpu(), dr.grad, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -197,3 +201,54 @@ def test_compiled_qat_matches_eager_with_group_and_fp8_quantizers():
             assert torch.equal(a, b), f"step {step}: {name}"
     assert eager[0].weight_quantizer.quantizer._delta.grad.shape == (48, 4)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA device and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_kernels_bf16_and_large(dtype):
+    """Compiled kernels (GPU numerics: approximate division, FMA contraction, flush to zero would all show)
+    on 2^20 values per format, and the group-wise ops in bf16, against the reference on the CPU."""
+    from tquant.kernels import group_quant as G
+    from tquant.kernels import group_reference as GR
+
+    with K.use_backend("triton"):
+        for fmt in FORMATS:
+            x = torch.cat([sweep(fmt), torch.randn(1 << 20) * 30]).to(dtype)
+            delta = torch.tensor(0.37)
+            y, _ = F8.fp8_fake_quant_forward(x.cuda(), delta.cuda(), fmt, -1, False)
+            assert_bits_equal(y, FR.fp8_fake_quant_reference(x, delta, fmt), f"{fmt} {dtype}")
+        w = (torch.randn(4096, 1000) * 0.05).to(dtype)
+        for symmetric in (True, False):
+            lo, hi = GR.group_minmax_reference(w, 128)
+            d, z, s = R.qparams_from_range(lo, hi, 4, symmetric)
+            y, _ = G.group_fake_quant_forward(w.cuda(), d.cuda(), z.cuda(), s.cuda(), 4, symmetric, 128, False)
+            assert_bits_equal(y, GR.group_fake_quant_reference(w, d, z, s, 4, symmetric, 128), f"group {dtype}")
+            state = [torch.full((4096, 8), float("nan"), device="cuda") for _ in range(2)] + [
+                torch.zeros(4096, 8, device="cuda") for _ in range(2)] + [torch.zeros((), dtype=torch.bool,
+                                                                                        device="cuda")]
+            G.group_update_range(w.cuda(), *state, 4, symmetric, 128, K.ESTIMATOR_RUNNING, 0.9, False)
+            for got, want in zip(state, (lo, hi, d, z, s)):
+                assert_bits_equal(got, want, f"group state {dtype}")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_launches_per_call(launches):  # noqa: F811 (the imported fixture)
+    """Training forward: two launches (the integer range kernel with the FP8 grid, then the fake quant), and
+    the state equals the reference's; fixed ranges: one launch."""
+    dev = lane_device("triton")
+    qm = tquant.QuantizationManager(tquant.QMethods.symmetric_uniform, tquant.RangeEstimators.running_minmax,
+                                    per_channel=True, n_channels=6, qparams={"n_bits": 8, "fmt": "fp8_e4m3"}).to(dev)
+    x = torch.randn(6, 50, device=dev, requires_grad=True)
+    qm(x)
+    launches.clear()
+    y = qm(x)
+    assert launches == ["_update_range_kernel", "_fp8_fake_quant_kernel"], launches
+    lo, hi = R.batch_minmax_reference(x.detach().cpu(), 0)  # the same batch twice: its EMA with itself
+    delta = FR.fp8_qparams_from_range(R.ema_range(lo, lo, 0.9), R.ema_range(hi, hi, 0.9), "fp8_e4m3")
+    assert_bits_equal(qm.quantizer._delta, delta, "delta")
+    assert_bits_equal(y, FR.fp8_fake_quant_reference(x.detach().cpu(), delta, "fp8_e4m3", 0), "y")
+    qm.fix_ranges()
+    launches.clear()
+    qm(x)
+    assert launches == ["_fp8_fake_quant_kernel"]

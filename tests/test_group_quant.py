@@ -24,7 +24,8 @@ from tquant.kernels import group_reference as GR
 from tquant.kernels import reference as R
 from tquant.kernels._triton import HAS_TRITON
 
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, lane_device
+from test_launches import launches  # noqa: F401  (the fixture that records Triton launches)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -111,9 +112,7 @@ def test_group_layout_errors(shape, size, match):
 
 
 def _lane(name):
-    if name == "triton":
-        return K.use_backend("triton")
-    return K.use_backend("torch")
+    return K.use_backend("triton" if name == "triton" else "torch")
 
 
 @pytest.mark.parametrize("lane", LANES)
@@ -121,11 +120,12 @@ def _lane(name):
 @pytest.mark.parametrize("shape,group_len", SHAPES)
 def test_lanes_match_the_reference(lane, shape, group_len, symmetric):
     """Ranges, running updates (current/all/EMA), parameters, values and masks, bit for bit, fp32/fp16."""
+    dev = lane_device(lane)
     for dtype in (torch.float32, torch.float16):
         x = poisoned(shape, dtype)
         c, _, ng = GR.group_shape(x, group_len)
         with _lane(lane):
-            lo, hi = G.group_minmax(x, group_len)
+            lo, hi = G.group_minmax(x.to(dev), group_len)
         want_lo, want_hi = GR.group_minmax_reference(x, group_len)
         assert_bits_equal(lo, want_lo, "min")
         assert_bits_equal(hi, want_hi, "max")
@@ -137,14 +137,17 @@ def test_lanes_match_the_reference(lane, shape, group_len, symmetric):
             want = [t.clone() for t in state]
             with K.use_backend("reference"):
                 G.group_update_range(x, *want, 4, symmetric, group_len, estimator, 0.9, False)
+            state = [t.to(dev) for t in state]
             with _lane(lane):
-                G.group_update_range(x, *state, 4, symmetric, group_len, estimator, 0.9, False)
+                G.group_update_range(x.to(dev), *state, 4, symmetric, group_len, estimator, 0.9, False)
             for name, got, ref in zip(("range_min", "range_max", "delta", "zero_float", "signed"), state, want):
                 assert_bits_equal(got, ref, f"{name} est={estimator} {dtype}")
         d, z, s = want[2], want[3], want[4]
         with _lane(lane):
-            y, mask = G.group_fake_quant_forward(x, d, z, s, 4, symmetric, group_len, True)
+            y, mask = G.group_fake_quant_forward(x.to(dev), d.to(dev), z.to(dev), s.to(dev), 4, symmetric,
+                                                 group_len, True)
         assert_bits_equal(y, GR.group_fake_quant_reference(x, d, z, s, 4, symmetric, group_len), f"y {dtype}")
+        mask = mask.cpu()
         x2 = x.float().reshape(c, -1)
         v = torch.round(x2 / GR.expand_groups(d, x2.shape[1], group_len)) + GR.expand_groups(
             torch.zeros_like(z) if symmetric else torch.clamp(torch.round(z), 0, 15), x2.shape[1], group_len)
@@ -175,15 +178,16 @@ def test_gradients(lane, symmetric):
     g = torch.randn(5, 300)
     xr, dr, zr = (t.clone().requires_grad_() for t in (x, d, z))
     GR.group_fake_quant_reference(xr, dr, zr, s, 4, symmetric, 128).backward(g)
-    xt, dt, zt = (t.clone().requires_grad_() for t in (x, d, z))
+    dev = lane_device(lane)
+    xt, dt, zt = (t.to(dev).requires_grad_() for t in (x, d, z))
     with _lane(lane):
-        G.group_fake_quant(xt, dt, zt, s, 4, symmetric, 128).backward(g)
+        G.group_fake_quant(xt, dt, zt, s.to(dev), 4, symmetric, 128).backward(g.to(dev))
     _, mask = G.group_fake_quant_forward(x, d, z, s, 4, symmetric, 128, True)
-    assert torch.equal(xt.grad, g * mask)
-    torch.testing.assert_close(xt.grad, xr.grad)
-    torch.testing.assert_close(dt.grad, dr.grad, rtol=1e-4, atol=1e-4)
+    assert torch.equal(xt.grad.cpu(), g * mask)
+    torch.testing.assert_close(xt.grad.cpu(), xr.grad)
+    torch.testing.assert_close(dt.grad.cpu(), dr.grad, rtol=1e-4, atol=1e-4)
     if not symmetric:
-        torch.testing.assert_close(zt.grad, zr.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(zt.grad.cpu(), zr.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -193,6 +197,7 @@ def test_triton_loops_over_many_tiles(monkeypatch):
 
     monkeypatch.setattr(TG, "_MAX_TILE", 16)
     monkeypatch.setattr(TG, "_MAX_BLOCK_T", 8)
+    dev = lane_device("triton")
     x = poisoned((9, 70))
     x[0] = x[0].abs()  # the sign flag comes from another program than the first
     for symmetric in (True, False):
@@ -201,17 +206,19 @@ def test_triton_loops_over_many_tiles(monkeypatch):
         want = [t.clone() for t in state]
         with K.use_backend("reference"):
             G.group_update_range(x, *want, 3, symmetric, 32, K.ESTIMATOR_CURRENT, 0.9, False)
+        state = [t.to(dev) for t in state]
+        params = [t.to(dev) for t in want[2:]]
         with K.use_backend("triton"):
-            G.group_update_range(x, *state, 3, symmetric, 32, K.ESTIMATOR_CURRENT, 0.9, False)
-            y, _ = G.group_fake_quant_forward(x, *want[2:], 3, symmetric, 32, False)
-            gd, gz = G.group_fake_quant_range_grads(torch.ones(9, 70), x.nan_to_num(0, 1, -1), *want[2:], 3,
-                                                    symmetric, 32)
+            G.group_update_range(x.to(dev), *state, 3, symmetric, 32, K.ESTIMATOR_CURRENT, 0.9, False)
+            y, _ = G.group_fake_quant_forward(x.to(dev), *params, 3, symmetric, 32, False)
+            gd, gz = G.group_fake_quant_range_grads(torch.ones(9, 70, device=dev), x.nan_to_num(0, 1, -1).to(dev),
+                                                    *params, 3, symmetric, 32)
         for got, ref in zip(state, want):
             assert_bits_equal(got, ref, "state")
         assert_bits_equal(y, GR.group_fake_quant_reference(x, *want[2:], 3, symmetric, 32), "y")
         rd, rz = G._group_range_grads_torch(torch.ones(9, 70), x.nan_to_num(0, 1, -1), *want[2:], 3, symmetric, 32)
-        torch.testing.assert_close(gd, rd)
-        torch.testing.assert_close(gz, rz)
+        torch.testing.assert_close(gd.cpu(), rd)
+        torch.testing.assert_close(gz.cpu(), rz)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,33 +250,32 @@ def inputs():
     return torch.randn(5, 300), torch.randn(2, 6, 7, 7)
 
 
-@pytest.mark.parametrize("backend", LANES)
 def test_layers_state_shapes_and_state_dict_round_trip(backend):
+    """(``backend``: conftest's fixture, the torch path and the Triton kernels, on the GPU where there is one.)"""
     net = Net()
-    with K.use_backend(backend):
-        qnet = tquant.convert_to_quantized(net, group_qmap())
-        fc1, conv = qnet.fc1.weight_quantizer, qnet.conv.weight_quantizer
-        assert fc1.quantizer._delta.shape == (32, 10) and fc1.range_estimator.current_xmin.shape == (32, 10)
-        assert conv.quantizer._delta.shape == (4, 1) and conv.quantizer.group_len == 32 * 9  # 6 channels: one group
-        blank = {k: v.clone() for k, v in qnet.state_dict().items()}  # uninitialised: NaN, the same shapes
-        qnet(*inputs())
-        w = qnet.fc1.weight
-        expected = GR.group_fake_quant_reference(w, fc1.quantizer._delta, fc1.quantizer._zero_float,
-                                                 fc1.quantizer._signed, 4, True, 32)
-        qnet.eval()
-        assert_bits_equal(qnet.fc1.get_params()[0], expected, "layer weight")
-        trained = qnet.state_dict()
-        again = tquant.convert_to_quantized(net, group_qmap())
-        again.load_state_dict(blank)
-        assert not again.fc1.weight_quantizer.is_initialized
-        again.load_state_dict(trained)
-        again.eval()
-        x = inputs()
-        for a, b in zip(again(*x), qnet(*x)):
-            assert torch.equal(a, b)
-        bad = dict(trained, **{"fc1.weight_quantizer.quantizer._delta": torch.ones(32, 9)})
-        with pytest.raises(RuntimeError, match=r"fc1.weight_quantizer: .*shape \(32, 9\).*\(32, 10\)"):
-            again.load_state_dict(bad)
+    qnet = tquant.convert_to_quantized(net, group_qmap())
+    fc1, conv = qnet.fc1.weight_quantizer, qnet.conv.weight_quantizer
+    assert fc1.quantizer._delta.shape == (32, 10) and fc1.range_estimator.current_xmin.shape == (32, 10)
+    assert conv.quantizer._delta.shape == (4, 1) and conv.quantizer.group_len == 32 * 9  # 6 channels: one group
+    blank = {k: v.clone() for k, v in qnet.state_dict().items()}  # uninitialised: NaN, the same shapes
+    qnet(*inputs())
+    w = qnet.fc1.weight
+    expected = GR.group_fake_quant_reference(w, fc1.quantizer._delta, fc1.quantizer._zero_float,
+                                             fc1.quantizer._signed, 4, True, 32)
+    qnet.eval()
+    assert_bits_equal(qnet.fc1.get_params()[0], expected, "layer weight")
+    trained = qnet.state_dict()
+    again = tquant.convert_to_quantized(net, group_qmap())
+    again.load_state_dict(blank)
+    assert not again.fc1.weight_quantizer.is_initialized
+    again.load_state_dict(trained)
+    again.eval()
+    x = inputs()
+    for a, b in zip(again(*x), qnet(*x)):
+        assert torch.equal(a, b)
+    bad = dict(trained, **{"fc1.weight_quantizer.quantizer._delta": torch.ones(32, 9)})
+    with pytest.raises(RuntimeError, match=r"fc1.weight_quantizer: .*shape \(32, 9\).*\(32, 10\)"):
+        again.load_state_dict(bad)
 
 
 @pytest.mark.parametrize("group_size,layer,match", [
@@ -352,3 +358,41 @@ def test_export_traces_the_group_op():
     x = inputs()
     for a, b in zip(exported.module()(*x), qnet(*x)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_triton_launches_per_call(launches, symmetric):  # noqa: F811 (the imported fixture)
+    """Training forward with range estimation: two launches (symmetric: the second also computes delta);
+    backward: none (``grad * mask``); fixed ranges: one; learned ranges' backward: one reduction."""
+    qmethod = tquant.QMethods.symmetric_uniform if symmetric else tquant.QMethods.asymmetric_uniform
+    dev = lane_device("triton")
+    qm = tquant.QuantizationManager(qmethod, tquant.RangeEstimators.running_minmax, n_channels=6,
+                                    qparams={"n_bits": 4, "group_size": 32, "weight_shape": (6, 100)}).to(dev)
+    x = torch.randn(6, 100, device=dev, requires_grad=True)
+    qm(x)
+    launches.clear()
+    y = qm(x)
+    assert launches == ["_group_range_kernel", "_group_fake_quant_kernel"], launches
+    want = torch.full((6, 4), math.nan), torch.full((6, 4), math.nan)
+    ref_state = [*want, torch.zeros(6, 4), torch.zeros(6, 4), torch.zeros((), dtype=torch.bool)]
+    with K.use_backend("reference"):
+        for _ in range(2):
+            G.group_update_range(x.detach().cpu(), *ref_state, 4, symmetric, 32, K.ESTIMATOR_RUNNING, 0.9, False)
+    q = qm.quantizer
+    got = (qm.range_estimator.current_xmin, qm.range_estimator.current_xmax, q._delta, q._zero_float, q._signed)
+    for have, ref in zip(got, ref_state):
+        assert_bits_equal(have, ref, "state after the fused training forward")
+    assert_bits_equal(y, GR.group_fake_quant_reference(x.detach().cpu(), *ref_state[2:], 4, symmetric, 32), "y")
+    launches.clear()
+    y.sum().backward()
+    assert launches == []
+    qm.fix_ranges()
+    launches.clear()
+    qm(x)
+    assert launches == ["_group_fake_quant_kernel"]
+    qm.learn_ranges()
+    y = qm(x)
+    launches.clear()
+    y.sum().backward()
+    assert launches == ["_group_range_grads_kernel"]

@@ -40,7 +40,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("case", ["mlp", "mlp-learned", "cnn", "cnn-learned"])
+@pytest.mark.parametrize("case", ["mlp", "mlp-learned", "cnn", "cnn-learned", "formats", "formats-learned"])
 def test_compiled_graph_has_no_python_fallback(report, case):
     graphs = report["graphs"][case]
     opaque = [t for g in graphs.values() for t in g if t.startswith("tquant.")]

@@ -217,10 +217,12 @@ class QuantizationManager(nn.Module):
                 self._estimate(x)
             elif q.group_len is not None:
                 group_update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float, q._signed,
-                                   q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, False)
+                                   q.n_bits, q.symmetric, q.group_len, est.fused_code, est.momentum, False,
+                                   workspace=est._workspace)
             elif q.fmt != "int":
                 fp8_update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q.fmt, q.kernel_axis,
-                                 est.fused_code, est.momentum, False)
+                                 est.fused_code, est.momentum, False,
+                                 state=(q._zero_float, q._signed, est._workspace, est._arrivals))
             else:
                 kernels.update_range(x.detach(), est.current_xmin, est.current_xmax, q._delta, q._zero_float,
                                      q._signed, q.n_bits, q.symmetric, q.kernel_axis, est.fused_code, est.momentum,

@@ -114,7 +114,10 @@ class RangeEstimatorBase(Fp32StateMixin, nn.Module):
     def _register_workspace(self, shape: tuple, device) -> None:
         """The scratch buffers of the one-launch Triton range update (``kernels.range_workspace``), made
         with the range buffers so they exist before any CUDA-graph capture; not saved in ``state_dict``."""
-        workspace, arrivals = kernels.range_workspace(shape[0] if shape else 1, device)
+        if self.group_len is not None:  # the group-wise symmetric range kernel's [sign flag, arrivals] (int32)
+            workspace, arrivals = torch.zeros(2, dtype=torch.int32, device=device), None
+        else:
+            workspace, arrivals = kernels.range_workspace(shape[0] if shape else 1, device)
         self.register_buffer("_workspace", workspace, persistent=False)
         self.register_buffer("_arrivals", arrivals, persistent=False)
 
