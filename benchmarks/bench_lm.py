@@ -83,7 +83,7 @@ class Settings:
     """At most this many training and validation bytes (None: the whole corpus)."""
 
 
-FULL = Settings(model={}, float_steps=300, qat_steps=60, batch=16, seq_len=128, float_lr=2e-3, qat_lr=1e-4,
+FULL = Settings(model={}, float_steps=1000, qat_steps=60, batch=16, seq_len=128, float_lr=2e-3, qat_lr=3e-4,
                 group_size=128, val_windows=96, seed=0, reps=30, warmup=5)
 QUICK = Settings(model=dict(dim=64, n_layers=2, n_heads=2, ffn_dim=128, max_seq_len=64), float_steps=30,
                  qat_steps=10, batch=8, seq_len=32, float_lr=3e-3, qat_lr=1e-4, group_size=32, val_windows=8,
