@@ -1,4 +1,4 @@
-"""``tquant bench quantizer|qat|onnx|search|startup [--quick] ...``: run the benchmarks from the command line.
+"""``tquant bench quantizer|qat|onnx|search|startup|lm [--quick] ...``: run the benchmarks from the command line.
 
 Two stages: ``tquant bench`` knows the benchmarks by name (``tquant bench --help`` imports none of
 them); the chosen one's module (with torch) is imported only to parse its own options and run.
@@ -19,6 +19,7 @@ BENCHES = {
     "onnx": ("tquant.benchmarks.bench_onnx", "onnxruntime latency: tquant int8 vs float vs quantize_static"),
     "search": ("tquant.benchmarks.bench_search", "MSE / cross-entropy range searches: tquant vs aihwkit"),
     "startup": ("tquant.benchmarks.bench_startup", "start-up and whole-job wall times, each in a fresh process"),
+    "lm": ("tquant.benchmarks.bench_lm", "a small language model: W4 g128 RTN vs QAT vs float, in onnxruntime"),
 }
 
 

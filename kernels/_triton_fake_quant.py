@@ -163,10 +163,10 @@ def _check_common(x: torch.Tensor, params: list[torch.Tensor], n_bits: int, axis
         raise ValueError(f"{op}: per-channel quantization (axis=0) needs x.dim() >= 1")
     want = (x.shape[0],) if per_channel else ()
     for p in params:
-        if tuple(p.shape) != want:
+        if tuple(p.shape) != want and (per_channel or tuple(p.shape) != (1,)):  # a quantizer's are [1] per tensor
             raise ValueError(
                 f"{op}: parameter of shape {tuple(p.shape)} does not match x of shape {tuple(x.shape)} "
-                f"with axis={axis} (expected {want})"
+                f"with axis={axis} (expected {want if per_channel else '() or (1,)'})"
             )
         if p.device != x.device:
             raise ValueError(f"{op}: parameters must be on {x.device}, got {p.device}")
@@ -293,7 +293,7 @@ def fake_quant_forward_triton(
 
     Args:
         x: any shape and strides, fp32/fp16/bf16 (not modified).
-        delta, zero_float: fp32, 0-dim (``axis=-1``) or ``[x.shape[0]]`` (``axis=0``).
+        delta, zero_float: fp32, 0-dim or ``[1]`` (``axis=-1``) or ``[x.shape[0]]`` (``axis=0``).
         signed: 0-dim bool (symmetric grids).
         with_mask: also write the 1-byte in-range mask ``qmin <= round(x / scale) + zp <= qmax``
             that the backward uses (``grad_x = grad * mask``).

@@ -348,8 +348,8 @@ def update_range_triton(
 
     Args:
         x: any shape, strides, fp32/fp16/bf16 (not modified).
-        range_min, range_max, delta, zero_float: fp32, contiguous, 0-dim (``axis=-1``) or
-            ``[x.shape[0]]`` (``axis=0``); overwritten.
+        range_min, range_max, delta, zero_float: fp32, contiguous, 0-dim or ``[1]`` (``axis=-1``)
+            or ``[x.shape[0]]`` (``axis=0``); overwritten.
         signed: 0-dim bool, overwritten.
     One launch, no host synchronisation; ``first`` and ``estimator`` only pick the kernel variant.
     A NaN in ``range_min``/``range_max`` means "no range yet" (that channel takes the batch range).
@@ -362,7 +362,9 @@ def update_range_triton(
     want = (x.shape[0],) if per_channel else ()
     for name, t in (("range_min", range_min), ("range_max", range_max), ("delta", delta),
                     ("zero_float", zero_float)):
-        ok = tuple(t.shape) == want and t.dtype == torch.float32 and t.is_contiguous()
+        # per tensor, a quantizer's delta/zero_float are [1] (FSDP2 shards no 0-dim parameter)
+        shape_ok = tuple(t.shape) == want or (not per_channel and tuple(t.shape) == (1,))
+        ok = shape_ok and t.dtype == torch.float32 and t.is_contiguous()
         if not ok or t.device != x.device:
             raise ValueError(
                 f"update_range: {name} must be a contiguous float32 tensor of shape {want} on {x.device}, "

@@ -15,6 +15,8 @@ run under ``torch.compile(fullgraph=True)`` and the ONNX exporter can find the o
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 
@@ -146,6 +148,34 @@ def chunked_fits(x: torch.Tensor) -> bool:
             and x.numel() >= CHUNKED_MIN_NUMEL)
 
 
+_HOST_ARRAY_TYPES = {torch.float32: (ctypes.c_float, np.float32), torch.float16: (ctypes.c_uint16, np.float16),
+                     torch.bool: (ctypes.c_bool, np.bool_)}
+_HOST_ARRAYS: dict = {}
+"""ctypes array types by (dtype, numel), made once: making one costs more than the view."""
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous fp32/fp16/bool CPU tensor's memory (``t.numpy().ravel()``),
+    which, unlike ``Tensor.numpy()``, leaves the storage resizable.
+
+    ``Tensor.numpy()`` marks the storage non-resizable for good, and FSDP2 frees each unsharded
+    parameter after the forward by resizing its storage to 0: a quantizer must not do that to a
+    weight or to its own parameters. This view is made from the address and does not keep the
+    memory alive: use it while ``t`` lives (the lanes hold ``t`` through the call, or check that
+    ``t.data_ptr()`` did not change).
+    """
+    key = (t.dtype, t.numel())
+    types = _HOST_ARRAYS.get(key)
+    if types is None:
+        if len(_HOST_ARRAYS) > 256:
+            _HOST_ARRAYS.clear()
+        ctype, dtype = _HOST_ARRAY_TYPES[t.dtype]
+        types = _HOST_ARRAYS[key] = (ctype * key[1], dtype)
+    if not key[1]:
+        return np.empty(0, types[1])
+    return np.frombuffer(types[0].from_address(t.data_ptr()), types[1])
+
+
 def host_codes(xn: np.ndarray, consts) -> tuple[np.ndarray, np.ndarray]:
     """``(r, c)``: ``round(x / scale) + zp`` and its clamp to the grid, as float32 numpy arrays.
 
@@ -173,7 +203,7 @@ def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, wit
     """Torch fast path: bit-identical to the reference."""
     if host_lane_fits(x, axis):
         consts = fake_quant_consts(delta.item(), zero_float.item(), signed.item(), n_bits, symmetric)
-        r, c = host_codes(x.detach().numpy(), consts)
+        r, c = host_codes(host_array(x).reshape(x.shape), consts)
         mask = torch.from_numpy(np.equal(c, r)) if with_mask else x.new_empty(0, dtype=torch.bool)
         return host_values(c, consts, torch.empty_like(x)), mask
     if x.device.type == "cpu" and axis < 0:
@@ -181,7 +211,7 @@ def _fake_quant_torch(x, delta, zero_float, signed, n_bits, symmetric, axis, wit
         if chunked_fits(x):
             y = torch.empty_like(x)
             mask = torch.empty(x.shape, dtype=torch.bool) if with_mask else x.new_empty(0, dtype=torch.bool)
-            chunked_fake_quant(x.detach().numpy().reshape(-1), consts, y.numpy().reshape(-1),
+            chunked_fake_quant(host_array(x), consts, y.numpy().reshape(-1),
                                mask.numpy().reshape(-1) if with_mask else None)
             return y, mask
         scale, zp, qmin, qmax = consts

@@ -36,7 +36,15 @@ import numpy as np
 import torch
 
 from . import backend
-from .fake_quant import HOST_MAX_NUMEL, _fake_quant_torch, _range_grads_torch, host_codes, host_lane_fits, host_values
+from .fake_quant import (
+    HOST_MAX_NUMEL,
+    _fake_quant_torch,
+    _range_grads_torch,
+    host_array,
+    host_codes,
+    host_lane_fits,
+    host_values,
+)
 from .host_math import F32, fake_quant_consts, qparams_f32, update_range_f32
 from .range_update import _batch_minmax_torch, _finalize_torch, _update_range_scalar
 from .reference import (
@@ -161,19 +169,20 @@ class _HostCall(QuantizerCall):
         ptrs = (delta.data_ptr(), zero_float.data_ptr(), signed.data_ptr(), range_min.data_ptr(),
                 range_max.data_ptr())
         if ptrs != self._ptrs:
-            self._views = tuple(t.detach().numpy() for t in (delta, zero_float, signed, range_min, range_max))
+            # 0-d views: per-tensor parameters are [1] (FSDP2 shards no 0-dim parameter), the kernels take scalars
+            self._views = tuple(host_array(t).reshape(()) for t in (delta, zero_float, signed, range_min, range_max))
             self._ptrs = ptrs
         return self._views
 
     def train(self, x):
         xd = x.detach()
-        consts = self._update(xd.numpy(), *self._state(*self.tensors()))
+        consts = self._update(host_array(xd), *self._state(*self.tensors()))
         if x.requires_grad and torch.is_grad_enabled():
             return self._masked(x, xd, consts)
         return self._values(xd, consts, False)[0]
 
     def update(self, x, delta, zero_float, signed, range_min, range_max) -> None:
-        self._update(x.numpy(), *self._state(delta, zero_float, signed, range_min, range_max))
+        self._update(host_array(x), *self._state(delta, zero_float, signed, range_min, range_max))
 
     def _update(self, xn, d_v, z_v, s_v, rmin_v, rmax_v):
         """New range and parameters into the views; returns the fake-quant constants."""
@@ -190,12 +199,12 @@ class _HostCall(QuantizerCall):
         return fake_quant_consts(delta, zero_float, signed, self.n_bits, self.symmetric)
 
     def _values(self, x, consts, with_mask):
-        r, c = host_codes(x.numpy(), consts)
+        r, c = host_codes(host_array(x).reshape(x.shape), consts)
         mask = torch.from_numpy(np.equal(c, r)) if with_mask else None  # NaN: False, like the reference
         return host_values(c, consts, torch.empty_like(x)), mask
 
     def _masked(self, x, xd, consts):
-        xn = xd.numpy()
+        xn = host_array(xd).reshape(xd.shape)
         r, c = host_codes(xn, consts)
         out = torch.mul(x, torch.from_numpy(np.equal(c, r).astype(xn.dtype)))  # autograd saves the mask only
         return host_values(c, consts, out)

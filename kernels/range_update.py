@@ -28,7 +28,7 @@ import torch
 
 from . import backend
 from ._ops import ANY_LAYOUT, define_op
-from .fake_quant import chunked_fits
+from .fake_quant import chunked_fits, host_array
 from .host_chunks import chunked_minmax
 from .host_math import F32, qparams_f32, qparams_host, update_range_f32, update_range_host, write_state
 from .inline import inline_ok, update_range_inline
@@ -245,7 +245,7 @@ def _update_range_scalar(x, range_min, range_max, delta, zero_float, signed, n_b
     quantization that follows), the scalar math on float32 scalars, five fills."""
     xd = x.detach()
     if chunked_fits(xd):
-        lo, hi = chunked_minmax(xd.numpy().reshape(-1))
+        lo, hi = chunked_minmax(host_array(xd))
         lo, hi = F32(lo + F32(0.0)), F32(hi + F32(0.0))  # a zero extreme is +0.0
     elif xd.numel():
         lo_t, hi_t = torch.aminmax(_flat(xd))

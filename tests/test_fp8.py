@@ -156,7 +156,7 @@ def test_fp8_layers():
     x = torch.randn(32, 16)
     y = qnet(x)
     wq, aq = qnet[0].weight_quantizer.quantizer, qnet[0].activation_quantizer.quantizer
-    assert wq._delta.shape == (8,) and aq._delta.shape == ()
+    assert wq._delta.shape == (8,) and aq._delta.shape == (1,)  # [1]: FSDP2 takes no 0-dim parameter
     assert torch.equal(wq._delta, qnet[0].weight.detach().abs().amax(dim=1) / 448)
     assert torch.equal(wq.x_max, wq.scale * 448) and wq.int_min == -448
     w = FR.fp8_fake_quant_reference(qnet[0].weight, wq._delta, "fp8_e4m3", 0)

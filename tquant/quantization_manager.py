@@ -175,8 +175,9 @@ class QuantizationManager(nn.Module):
                     f"{self.layer_name or 'QuantizationManager'}: group-wise quantizer of state {q.state_shape} "
                     f"(output channels, groups of {q.group_len}) got an input of shape {tuple(x.shape)}"
                 )
+        # the range's shape; a per-tensor quantizer's parameters are [1]
         shape = q.state_shape if q.group_len is not None else ((x.shape[0],) if q.per_channel else ())
-        if q.state_shape and tuple(shape) != q.state_shape:
+        if q.per_channel and q.state_shape and tuple(shape) != q.state_shape:
             raise ValueError(
                 f"{self.layer_name or 'QuantizationManager'}: per-channel quantizer of {q.state_shape[0]} channels "
                 f"got an input with {shape[0]} along dim 0"
@@ -186,7 +187,7 @@ class QuantizationManager(nn.Module):
                 f"{self.layer_name or 'QuantizationManager'}: the quantizer's state is on {q._delta.device} but "
                 f"the input is on {x.device}; move the model with .to(device)"
             )
-        q.ensure_state(shape, x.device)
+        q.ensure_state(shape or (1,), x.device)
         est.ensure_range_buffers(shape, x.device)
         state = ((q._parameters, "_delta"), (q._buffers if q.symmetric else q._parameters, "_zero_float"),
                  (q._buffers, "_signed"), (est._buffers, "current_xmin"), (est._buffers, "current_xmax"),

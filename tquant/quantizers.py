@@ -2,8 +2,10 @@
 
 State (aihwkit-compatible names, so checkpoints keep their keys):
 
-- ``_delta`` (``nn.Parameter``, fp32, ``requires_grad=False`` until ``learn_ranges``): 0-dim per
-  tensor, ``[C]`` per channel (dim 0); NaN while uninitialised. ``scale = max(delta, eps)``.
+- ``_delta`` (``nn.Parameter``, fp32, ``requires_grad=False`` until ``learn_ranges``): ``[1]`` per
+  tensor (FSDP2 shards parameters along dim 0 and takes none that is 0-dim; checkpoints with
+  aihwkit's 0-dim ``_delta`` load as they are), ``[C]`` per channel (dim 0); NaN while
+  uninitialised. ``scale = max(delta, eps)``.
   The shapes are fixed from construction when the channel count is known (``n_channels``: the
   layers pass their weight's output channels), so the first, initialising step and every later
   one trace to the same graph under ``torch.compile``; a per-channel quantizer built without
@@ -31,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, sharded_state
 from .config import FORMATS, QMethods
 from .errors import QuantizerNotInitializedError
 from .kernels.fp8 import fp8_fake_quant
@@ -89,6 +91,8 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
         self.group_len: int | None = None
         """Elements of a ``[C, K]`` row per group (``group_size`` times the kernel's size), or None."""
         self.state_shape: tuple = (n_channels,) if self.per_channel and n_channels is not None else ()
+        if not self.per_channel:
+            self.state_shape = (1,)
         if group_size is not None:
             if weight_shape is None:
                 raise ValueError(f"{type(self).__name__}.group_size needs the weight's shape (weight_shape=...)")
@@ -131,15 +135,19 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             self._signed = torch.zeros((), dtype=torch.bool, device=device)
         self._initialized = False
 
+    def _user_view(self, state: torch.Tensor) -> torch.Tensor:
+        """``state`` as aihwkit shapes it: 0-dim per tensor (a view of the ``[1]`` parameter), ``[C]`` per channel."""
+        return state if self.per_channel else state.view(())
+
     @property
     def delta(self) -> torch.Tensor:
         self._require_initialized()
-        return self._delta
+        return self._user_view(self._delta)
 
     @property
     def zero_float(self) -> torch.Tensor:
         self._require_initialized()
-        return self._zero_float
+        return self._user_view(self._zero_float)
 
     @property
     def signed(self) -> bool:
@@ -153,7 +161,7 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
     @property
     def zero_point(self) -> torch.Tensor:
         self._require_initialized()
-        return scale_and_zero_point(self._delta, self._zero_float, self.n_bits, self.symmetric)[1]
+        return self._user_view(scale_and_zero_point(self._delta, self._zero_float, self.n_bits, self.symmetric)[1])
 
     @property
     def int_min(self) -> float:
@@ -188,8 +196,8 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
                 f"{self.layer_name or type(self).__name__}: x_min and x_max must be a float or a 1-element "
                 "tensor for per-tensor quantization (per_channel=False)"
             )
-        if not self.per_channel and x_min.dim() > 0:
-            x_min, x_max = x_min.reshape(()), x_max.reshape(())
+        if not self.per_channel:
+            x_min, x_max = x_min.reshape(1), x_max.reshape(1)
         if self.group_len is not None and tuple(x_min.shape) != self.state_shape:
             raise ValueError(
                 f"{self.layer_name or type(self).__name__}: a group-wise range has shape {self.state_shape} "
@@ -218,6 +226,11 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
             self._signed.fill_(False)
         self._initialized = False
 
+    def __setattr__(self, name, value):
+        if name in ("_delta", "_zero_float") and sharded_state.is_dtensor(value):
+            sharded_state.keep_forward_writes(self._parameters.get(name), value)  # FSDP2 resharding
+        super().__setattr__(name, value)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x_float: torch.Tensor) -> torch.Tensor:
         """Fake-quantize with the current range (``x``'s shape and dtype)."""
@@ -235,8 +248,14 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         delta = state_dict.get(prefix + "_delta")
+        if delta is not None and not self.per_channel and delta.dim() == 0:  # aihwkit's (and older) 0-dim state
+            for key in (prefix + "_delta", prefix + "_zero_float"):
+                if key in state_dict:
+                    state_dict[key] = state_dict[key].reshape(1)
+            delta = state_dict[prefix + "_delta"]
         if delta is not None:
-            initialized = bool(not torch.isnan(delta).all()) if delta.numel() else True
+            values = delta.full_tensor() if sharded_state.is_dtensor(delta) else delta  # FSDP2: a shard may be empty
+            initialized = bool(not torch.isnan(values).all()) if values.numel() else True
             if self.state_shape and tuple(delta.shape) != self.state_shape:
                 if initialized:
                     what = f"{self.state_shape[0]} channels" if len(self.state_shape) == 1 else (
@@ -308,8 +327,8 @@ class AsymmetricUniformQuantizer(QuantizerBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        zf = state_dict.get(prefix + "_zero_float")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        zf = state_dict.get(prefix + "_zero_float")  # as the base class left it (aihwkit's 0-dim made [1])
         if zf is not None and zf.shape != self._zero_float.shape:
             error_msgs.append(f"{prefix}_zero_float: shape {tuple(zf.shape)} does not match _delta")
