@@ -35,7 +35,7 @@ from ._triton import tl, triton
 from ._triton_launch import Launcher, by_alignment
 from ._triton_math import _clamp, _maximum, _minimum, _qparams, _round_half_even
 from ._triton_plan import LAUNCH_OPTS, _next_pow2, device_ctx
-from ._triton_range import _ema, range_rule
+from ._triton_range import _apply_rule, _old_range, range_rule
 from .group_reference import group_shape
 from .quantizer_call import TritonLaneCall
 from .reference import ESTIMATOR_ALL, ESTIMATOR_CURRENT, ESTIMATOR_RUNNING
@@ -144,18 +144,9 @@ def _group_range_kernel(
     launches; the last program to arrive stores ``signed`` and resets them)."""
     q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     qmask = q < Q
-    new_min, new_max = _group_batch_range(p_x, q, NG, K, L, Q, BLOCK_G, BLOCK_T)
-    if RULE != 0:
-        old_min = tl.load(p_rmin + q, mask=qmask, other=0.0)
-        old_max = tl.load(p_rmax + q, mask=qmask, other=0.0)
-        if RULE == 1:
-            upd_min = _minimum(old_min, new_min)
-            upd_max = _maximum(old_max, new_max)
-        else:
-            upd_min = _ema(new_min, old_min, one_minus_m, m)
-            upd_max = _ema(new_max, old_max, one_minus_m, m)
-        new_min = tl.where(old_min != old_min, new_min, upd_min)  # NaN: no range yet
-        new_max = tl.where(old_max != old_max, new_max, upd_max)
+    bmin, bmax = _group_batch_range(p_x, q, NG, K, L, Q, BLOCK_G, BLOCK_T)
+    old_min, old_max = _old_range(p_rmin, p_rmax, q, qmask, RULE, BLOCK_G)
+    new_min, new_max = _apply_rule(bmin, bmax, old_min, old_max, one_minus_m, m, RULE)
     tl.store(p_rmin + q, new_min, mask=qmask)
     tl.store(p_rmax + q, new_max, mask=qmask)
     x_min = _minimum(new_min, 0.0)

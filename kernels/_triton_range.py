@@ -130,20 +130,25 @@ def _ema(b, old, one_minus_m, m):
 
 
 @triton.jit
-def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
-               RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The running range after this batch for channels ``rows`` (``update_range_reference``).
+def _old_range(p_rmin, p_rmax, idx, mask, RULE: tl.constexpr, BLOCK: tl.constexpr):
+    """The stored range at ``idx`` (``[BLOCK]``), all NaN for ``RULE == 3`` (the first batch: ignore it)."""
+    if RULE == 3:
+        old_min = tl.full([BLOCK], float("nan"), tl.float32)
+        old_max = tl.full([BLOCK], float("nan"), tl.float32)
+    else:
+        old_min = tl.load(p_rmin + idx, mask=mask, other=0.0)
+        old_max = tl.load(p_rmax + idx, mask=mask, other=0.0)
+    return old_min, old_max
 
-    A NaN old range means "no range yet": those channels take the batch range. A channel whose
+
+@triton.jit
+def _apply_rule(bmin, bmax, old_min, old_max, one_minus_m, m, RULE: tl.constexpr):
+    """The running range after a batch range ``(bmin, bmax)`` (``update_range_reference``; ``RULE`` as
+    :func:`range_rule` gives it; for ``RULE == 3`` an all-NaN old range, as :func:`_old_range` gives).
+
+    A NaN old range means "no range yet": those elements take the batch range. An element whose
     batch had no finite value (``bmin = +inf``) keeps its old range (NaN when it had none).
     """
-    bmin, bmax = _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C, BLOCK_P)
-    if RULE == 3:
-        old_min = tl.full([BLOCK_C], float("nan"), tl.float32)
-        old_max = tl.full([BLOCK_C], float("nan"), tl.float32)
-    else:
-        old_min = tl.load(p_rmin + rows, mask=rmask, other=0.0)
-        old_max = tl.load(p_rmax + rows, mask=rmask, other=0.0)
     if RULE == 1:
         new_min = _minimum(old_min, bmin)
         new_max = _maximum(old_max, bmax)
@@ -157,6 +162,15 @@ def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
     new_max = tl.where(old_max != old_max, bmax, new_max)
     seen = bmin < float("inf")  # a finite value was seen (else bmin = +inf, bmax = -inf)
     return tl.where(seen, new_min, old_min), tl.where(seen, new_max, old_max)
+
+
+@triton.jit
+def _new_range(p_pmin, p_pmax, p_rmin, p_rmax, rows, rmask, P, one_minus_m, m,
+               RULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The running range after this batch for channels ``rows`` (:func:`_apply_rule` on the reduced partials)."""
+    bmin, bmax = _reduce_partials(p_pmin, p_pmax, rows, rmask, P, BLOCK_C, BLOCK_P)
+    old_min, old_max = _old_range(p_rmin, p_rmax, rows, rmask, RULE, BLOCK_C)
+    return _apply_rule(bmin, bmax, old_min, old_max, one_minus_m, m, RULE)
 
 
 @triton.jit

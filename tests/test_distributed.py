@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,8 @@ def _qmodel():
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective one rank never joins fails in two minutes, not after gloo's default half hour
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=2))
     model = tquant.convert_sync_ranges(_qmodel())
     for step in range(2):
         x = torch.full((2, 4), float(rank + 1)) * (1 if step else -1) + torch.arange(4.0)

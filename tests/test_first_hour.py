@@ -20,7 +20,8 @@ from tquant.extras import EXTRA_CONTENTS, EXTRA_OF_MODULE, install_hint
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 CPU_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
-DISTRIBUTION_OF_MODULE = {"sklearn": "scikit-learn", "onnx_ir": "onnxscript"}  # onnx_ir comes with onnxscript
+# onnx_ir comes with onnxscript
+DISTRIBUTION_OF_MODULE = {"sklearn": "scikit-learn", "onnx_ir": "onnxscript", "xdist": "pytest-xdist"}
 
 
 def _pyproject() -> dict:

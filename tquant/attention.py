@@ -89,7 +89,7 @@ def _layer_norm(norm: nn.LayerNorm, **quant_params) -> QuantLayerNorm:
     return layer.to(norm.weight.device if norm.weight is not None else "cpu")
 
 
-class QuantMultiheadAttention(nn.Module):
+class QuantMultiheadAttention(QuantizedModel):
     """``nn.MultiheadAttention`` from quantized pieces: the same call and, with quantization off, the same result.
 
     ``q_proj`` (scaled by ``1/sqrt(head_dim)``), ``k_proj``, ``v_proj``, ``out_proj``: QuantLinear;

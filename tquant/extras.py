@@ -1,8 +1,8 @@
 """Which ``pip install 'tquant[...]'`` extra provides an optional dependency.
 
 tquant's core needs only torch and numpy. The export (``onnx``), the demo (``demo``), the Triton
-kernels (``triton``), the tests (``cpu-dev``, ``dev``) and the peers ``tquant bench onnx`` measures
-when present (``peers``: Brevitas) come with extras (``pyproject.toml``);
+kernels (``triton``), Hugging Face models (``hf``), the tests (``cpu-dev``, ``dev``) and the peers
+``tquant bench onnx`` measures when present (``peers``: Brevitas) come with extras (``pyproject.toml``);
 an error for a missing optional module names the extra that brings it, not a catch-all.
 """
 
@@ -18,7 +18,9 @@ EXTRA_OF_MODULE = {
     "tqdm": "demo",
     "rich": "demo",
     "triton": "triton",
+    "transformers": "hf",
     "pytest": "cpu-dev",
+    "xdist": "cpu-dev",
     "hypothesis": "cpu-dev",
     "brevitas": "peers",
     "onnxoptimizer": "peers",
@@ -29,7 +31,8 @@ EXTRA_CONTENTS = {
     "onnx": "onnx, onnxruntime, onnxscript",
     "demo": "scikit-learn, matplotlib, tqdm, rich",
     "triton": "triton",
-    "cpu-dev": "onnx, demo, pytest, hypothesis, ruff; no Triton",
+    "hf": "transformers: the language-model recipe on Hugging Face models",
+    "cpu-dev": "onnx, demo, hf, pytest, pytest-xdist, hypothesis, ruff; no Triton",
     "dev": "cpu-dev + triton",
     "peers": "brevitas, onnxoptimizer: Brevitas graph mode in tquant bench onnx",
 }

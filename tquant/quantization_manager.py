@@ -247,7 +247,7 @@ class QuantizationManager(nn.Module):
         elif not q._initialized:  # the host's answer, settled at the change to eval / fixed / learned ranges
             raise QuantizerNotInitializedError(self.layer_name)
         if q.group_len is not None or q.fmt != "int":
-            return q.forward(x)
+            return q.fake_quant(x)
         return kernels.fake_quant(x, q._delta, q._zero_float, q._signed, q.n_bits, q.symmetric, q.kernel_axis)
 
     def _estimate(self, x: torch.Tensor) -> None:

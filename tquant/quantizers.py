@@ -116,6 +116,8 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
         if self._initialized:
             return True
         d = self._delta
+        if sharded_state.is_dtensor(d):  # FSDP2: judge the whole range (a collective: every rank asks, all agree)
+            d = d.full_tensor()
         ok = d.numel() == 0 or not bool(torch.isnan(d).all())
         if ok:
             self._initialized = True
@@ -235,6 +237,10 @@ class QuantizerBase(Fp32StateMixin, nn.Module):
     def forward(self, x_float: torch.Tensor) -> torch.Tensor:
         """Fake-quantize with the current range (``x``'s shape and dtype)."""
         self._require_initialized()
+        return self.fake_quant(x_float)
+
+    def fake_quant(self, x_float: torch.Tensor) -> torch.Tensor:
+        """``forward`` without the initialisation check (which reads the device): for traced graphs."""
         if self.group_len is not None:
             return group_fake_quant(x_float, self._delta, self._zero_float, self._signed, self.n_bits, self.symmetric,
                                     self.group_len)
