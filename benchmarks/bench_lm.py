@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import common
+from . import common, options
 
 CSV_FIELDS = [
     "run_id", "device", "onnxruntime", "model", "weights", "train_steps", "val_ppl", "ort_agree", "onnx_mib",
@@ -83,25 +83,15 @@ class Settings:
     """At most this many training and validation bytes (None: the whole corpus)."""
 
 
-FULL = Settings(model={}, float_steps=1000, qat_steps=60, batch=16, seq_len=128, float_lr=2e-3, qat_lr=3e-4,
-                group_size=128, val_windows=96, seed=0, reps=30, warmup=5)
+FULL = Settings(model={}, batch=16, seq_len=128, float_lr=2e-3, val_windows=96, seed=0, reps=30, warmup=5,
+                **options.LM_DEFAULTS)
 QUICK = Settings(model=dict(dim=64, n_layers=2, n_heads=2, ffn_dim=128, max_seq_len=64), float_steps=30,
                  qat_steps=10, batch=8, seq_len=32, float_lr=3e-3, qat_lr=1e-4, group_size=32, val_windows=8,
                  seed=0, reps=5, warmup=2, corpus_bytes=(1 << 20, 1 << 16))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    parser.add_argument("--float-steps", type=int, default=None, help=f"float training steps ({FULL.float_steps})")
-    parser.add_argument("--qat-steps", type=int, default=None, help=f"QAT steps ({FULL.qat_steps})")
-    parser.add_argument("--qat-lr", type=float, default=None, help=f"QAT peak learning rate ({FULL.qat_lr})")
-    parser.add_argument("--group-size", type=int, default=None, help=f"input features per scale ({FULL.group_size})")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the initialisation and the batches (0)")
-    parser.add_argument("--cache", type=Path, default=common.RESULTS_ROOT / "lm-cache",
-                        help="folder for the trained float model (default: ./tquant-bench-results/lm-cache/)")
-    parser.add_argument("--no-cache", action="store_true", help="train the float model even when it is cached")
-    return parser
+    return options.lm(parser or argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

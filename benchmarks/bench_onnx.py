@@ -62,12 +62,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import common, deploy, families
+from . import common, deploy, families, options
 
-SUBJECTS = ("digits", "encoder", *families.FAMILIES)
+SUBJECTS = options.ONNX_SUBJECTS
 BATCH = 32
-DIGITS_SEEDS = 5
-"""Seeds the digits accuracy is averaged over (``--seeds``; 1 with ``--quick``)."""
+DIGITS_SEEDS = options.DIGITS_SEEDS
 CSV_FIELDS = [
     "run_id", "device", "onnxruntime", "subject", "variant", "median_ms", "p20_ms", "p80_ms", "n",
     "vs_float", "vs_quantize_static", "accuracy", "seeds", "accuracy_seeds", "rel_l2", "file_kib", "q_left", "dq_left",
@@ -85,30 +84,8 @@ NO_INTEGER_KERNEL = {"LayerNormalization", "Gelu"}
 """Float compute nodes onnxruntime has no integer kernel for (the only ones a family may keep)."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, default=list(SUBJECTS),
-                        help="models to deploy (default: " + " ".join(SUBJECTS) + ")")
-    parser.add_argument("--epochs", type=int, default=None, help="float training epochs (digits; default 15)")
-    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits; default 4, as the demo)")
-    parser.add_argument("--seeds", type=_positive_int, default=None,
-                        help=f"digits: average the accuracy over seeds 0..N-1, each a whole run "
-                             f"(default {DIGITS_SEEDS}; 1 with --quick)")
-    parser.add_argument("--update", action="store_true",
-                        help="replace only the rows of --subjects in the results folder's onnx.json/onnx.md and "
-                             "keep the other subjects' rows (from the runs that measured them)")
-    return parser
+    return options.onnx(parser or argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 
 
 # -- onnxruntime ---------------------------------------------------------------------------------

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common
+from . import common, options
 
 VARIANTS = ("float", "tquant", "torch.ao", "float+compile", "tquant+compile")
-MODELS = ("mlp", "cnn", "resnet50", "encoder")
+MODELS = options.QAT_MODELS
 DEFAULT_MODELS = {"cpu": ("mlp", "cnn"), "cuda": ("resnet50", "encoder")}
 BASELINE = {"tquant": "float", "torch.ao": "float", "tquant+compile": "float+compile", "float+compile": "float"}
 BATCH = 64
@@ -408,15 +408,9 @@ def plot(path: Path, env: dict, rows: list[dict]) -> bool:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Command-line options (shared with ``tquant bench qat``)."""
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m tquant.benchmarks.bench_qat", description=__doc__.splitlines()[0]
-    )
-    common.add_common_args(parser)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
-                        help="default: mlp cnn on the CPU, resnet50 encoder on CUDA")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
-    return parser
+    parser = parser or argparse.ArgumentParser(prog="python -m tquant.benchmarks.bench_qat",
+                                               description=__doc__.splitlines()[0])
+    return options.qat(parser)
 
 
 def main(args: argparse.Namespace) -> int:

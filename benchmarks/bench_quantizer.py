@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import common
+from . import common, options
 
 SIZES = [2**10, 2**16, 2**18, 2**20, 2**22, 2**24]
 QUICK_SIZES = [2**10, 2**12]
@@ -44,12 +44,12 @@ HOST_RATIO = 1.3
 BUSY_SIZES = (2**20, 2**22, 2**24)
 BUSY_RATIO = 1.2
 """With competing busy processes (``--busy``): tquant within BUSY_RATIO of torch's op at these sizes (forward)."""
-MODES = ("forward", "backward", "full")
+MODES = options.QUANTIZER_MODES
 BYTES_PER_ELEMENT = {"forward": 13, "backward": 9, "full": 22}
 """Minimal fp32 traffic per element of each mode (see the module docstring)."""
 BASELINE = "torch-fused-op"
 ACCEPTANCE_PROVIDER = "tquant-torch"
-PROVIDERS = ("tquant-torch", "tquant-triton", "torch-fused-op", "torch.ao-module", "compile-ref", "aihwkit-ref")
+PROVIDERS = options.QUANTIZER_PROVIDERS
 
 CSV_FIELDS = [
     "run_id",
@@ -485,27 +485,9 @@ def plot(path: Path, env: dict, rows: list[dict]) -> bool:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Command-line options (shared with ``tquant bench quantizer``)."""
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m tquant.benchmarks.bench_quantizer", description=__doc__.splitlines()[0]
-    )
-    common.add_common_args(parser)
-    parser.add_argument(
-        "--sizes", type=int, nargs="+", default=None, help="log2 of the sizes (default 10 16 18 20 22 24)"
-    )
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="forward (range update + fake quant), backward, full (default: all three)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
-                        help="default: all that run here (tquant-triton on CUDA only)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    parser.add_argument("--busy", type=int, nargs="?", const=1, default=0, metavar="N",
-                        help="time with N competing busy processes, started and stopped by the benchmark "
-                        "(default 0; --busy alone: 1); results go to quantizer-busy.*")
-    parser.add_argument("--host", action="store_true",
-                        help="measure the host cost per call of each lane instead (2^10 elements; the Triton lane "
-                             "with its launches stubbed on a CPU): quantizer_host.{csv,json,md}")
-    return parser
+    parser = parser or argparse.ArgumentParser(prog="python -m tquant.benchmarks.bench_quantizer",
+                                               description=__doc__.splitlines()[0])
+    return options.quantizer(parser)
 
 
 def main(args: argparse.Namespace) -> int:

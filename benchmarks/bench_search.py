@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import common
+from . import common, options
 
 CASES = {
     # name: (symmetric, opt_method name, loss, data kind)
@@ -46,7 +46,7 @@ CASES = {
     "golden-asym": (False, "golden_section", "mse", "weight"),
     "ce-grid-sym": (True, "grid", "cross_entropy", "logits"),
 }
-PROVIDERS = ("tquant", "aihwkit", "aihwkit-algo")
+PROVIDERS = options.SEARCH_PROVIDERS
 N_BITS = 8
 TARGETS = {"cpu": {"grid-sym": 3.0, "grid-asym": 2.0, "golden-sym": 1.0},
            "cuda": {"grid-sym": 50.0, "grid-asym": 50.0, "golden-sym": 5.0}}
@@ -349,17 +349,9 @@ def plot(path, env: dict, rows: list[dict]) -> bool:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Command-line options (shared with ``tquant bench search``)."""
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m tquant.benchmarks.bench_search", description=__doc__.splitlines()[0]
-    )
-    common.add_common_args(parser)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None, help="default: all")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
-                        help="default: all that run here (aihwkit's when it imports)")
-    parser.add_argument("--num-candidates", type=int, default=None, help="grid size (default 100; 20 with --quick)")
-    parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
-                        help="default: cpu, and cuda when available")
-    return parser
+    parser = parser or argparse.ArgumentParser(prog="python -m tquant.benchmarks.bench_search",
+                                               description=__doc__.splitlines()[0])
+    return options.search(parser)
 
 
 def main(args: argparse.Namespace) -> int:

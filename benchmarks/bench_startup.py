@@ -36,20 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import common
+from . import common, options
 
 CLI_BUDGET_S = 0.5
 FIRST_FORWARD_BUDGET_S = 0.5
 
-CLI_JOBS = {
-    "cli:--version": ["--version"],
-    "cli:--help": ["--help"],
-    "cli:demo --help": ["demo", "--help"],
-    "cli:inspect --help": ["inspect", "--help"],
-    "cli:bench --help": ["bench", "--help"],
-    "cli:bench quantizer --help": ["bench", "quantizer", "--help"],
-    "cli:selfcheck --help": ["selfcheck", "--help"],
-}
+CLI_JOBS = options.STARTUP_CLI_JOBS
 
 _QMAP = """
 import tquant
@@ -121,8 +113,8 @@ for _ in range(100):
     opt.step()
 """,
 }
-JOBS = [*CLI_JOBS, *PY_JOBS, "demo"]
-QUICK_JOBS = ["cli:--version", "cli:--help", "first-forward"]
+JOBS = options.STARTUP_JOBS
+QUICK_JOBS = options.STARTUP_QUICK_JOBS
 CSV_FIELDS = ["run_id", "device", "torch", "job", "config", "median_s", "min_s", "max_s", "n", "ratio_vs_first",
               "import_s", "first_forward_s", "budget_s"]
 
@@ -131,17 +123,6 @@ def tquant_command() -> list[str]:
     """The ``tquant`` console script beside this Python (what a user runs), else ``python -m tquant.cli``."""
     script = Path(sys.executable).with_name("tquant")
     return [str(script)] if script.exists() else [sys.executable, "-m", "tquant.cli"]
-
-
-def parse_env(text: str) -> dict[str, str]:
-    """``"A=1,B=2"`` -> ``{"A": "1", "B": "2"}`` (an argparse type)."""
-    pairs = {}
-    for item in filter(None, text.split(",")):
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {text!r}")
-        pairs[name.strip()] = value.strip()
-    return pairs
 
 
 def command_of(job: str, scratch: Path) -> list[str]:
@@ -255,15 +236,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """Command-line options (shared with ``tquant bench startup``)."""
     parser = parser or argparse.ArgumentParser(prog="python -m tquant.benchmarks.bench_startup",
                                                description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    parser.add_argument("--jobs", nargs="+", choices=JOBS, default=None, metavar="JOB",
-                        help="jobs to time (default: all; --quick: " + ", ".join(QUICK_JOBS) + "); one of: "
-                        + ", ".join(JOBS))
-    parser.add_argument("--env", type=parse_env, action="append", default=None, metavar="NAME=VALUE[,...]",
-                        help="a configuration: environment variables for the job processes (repeat to compare "
-                        "several; default: the environment as it is)")
-    parser.add_argument("--note", action="append", default=[], help="a note for the results file (repeatable)")
-    return parser
+    return options.startup(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """``tquant bench quantizer|qat|onnx|search|startup|lm [--quick] ...``: run the benchmarks from the command line.
 
-Two stages: ``tquant bench`` knows the benchmarks by name (``tquant bench --help`` imports none of
-them); the chosen one's module (with torch) is imported only to parse its own options and run.
+Two stages: ``tquant bench`` knows the benchmarks by name, and their options (``options.py``, no torch:
+``tquant bench BENCH --help`` imports no benchmark); the chosen one's module (with torch) is imported only
+to run it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import textwrap
+
+from . import options
 
 BENCHES = {
     "quantizer": (
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print("tquant bench: choose one of " + ", ".join(BENCHES) + "\n" + _listing())
         return 2
     module_name, help_text = BENCHES[args.bench]
-    module = importlib.import_module(module_name)
     parser_class = getattr(args, "bench_parser_class", argparse.ArgumentParser)
-    parser = module.build_parser(parser_class(prog=f"tquant bench {args.bench}", description=help_text))
-    return int(module.main(parser.parse_args(args.bench_args)) or 0)
+    parser = options.PARSERS[args.bench](parser_class(prog=f"tquant bench {args.bench}", description=help_text))
+    bench_args = parser.parse_args(args.bench_args)  # --help answers here, before the benchmark (and torch) loads
+    return int(importlib.import_module(module_name).main(bench_args) or 0)

@@ -44,9 +44,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_ROOT = Path("tquant-bench-results")
-"""Where results go without ``--out``: ``./tquant-bench-results/<device>/``, relative to the
-working directory of the run (never the committed ``benchmarks/results/``, never site-packages)."""
+from .options import RESULTS_ROOT, add_common_args  # noqa: F401 - the benchmarks' shared options, re-exported
+
 PACKAGES = ("tquant", "tquant.kernels", "tquant.export", "tquant.benchmarks")
 """tquant's packages: their folders (a checkout's ``tquant/``, ``kernels/``, ``export/``,
 ``benchmarks/`` with the committed ``benchmarks/results/``, or site-packages' ``tquant/``) are
@@ -516,25 +515,6 @@ def pyplot():
     except ImportError:
         return None
     return plt
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """``--quick``, ``--out``, ``--reps``, ``--warmup``, ``--no-plot`` and ``--threads``."""
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke run)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"results folder (default: ./{RESULTS_ROOT}/<device>/; a temporary one with --quick); "
-        "the only way to write into tquant's own tree, e.g. the committed benchmarks/results/<device>/",
-    )
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed repetitions per provider (default: the benchmark's, by size; few with --quick)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls per provider first (default: the benchmark's; fewer with --quick)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads before running (default: torch's, all usable cores)")
 
 
 class OutputDirError(ValueError):

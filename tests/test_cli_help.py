@@ -27,7 +27,8 @@ def _modules_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["demo", "--help"], ["inspect", "--help"],
-                                  ["bench", "--help"], ["selfcheck", "--help"]], ids=" ".join)
+                                  ["bench", "--help"], ["selfcheck", "--help"],
+                                  *(["bench", name, "--help"] for name in BENCHES)], ids=" ".join)
 def test_help_and_version_import_no_torch(argv):
     code = f"import contextlib, io\nfrom tquant import cli\nwith contextlib.suppress(SystemExit), " \
            f"contextlib.redirect_stdout(io.StringIO()):\n    cli.main({argv!r})"
@@ -93,3 +94,13 @@ def test_bench_help_lists_the_benchmarks_and_a_benchmarks_help_shows_its_options
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("tquant: error: argument --modes: invalid choice: 'sideways'")
     assert len(err.splitlines()) == 1
+
+
+def test_bench_options_offer_what_the_benchmarks_run():
+    """``benchmarks/options.py`` (no torch) names the choices; the benchmarks run over the same lists."""
+    from tquant.benchmarks import bench_search, bench_startup, families, options
+
+    assert set(options.PARSERS) == set(BENCHES)
+    assert tuple(families.FAMILIES) == options.FAMILIES
+    assert tuple(bench_search.CASES) == options.SEARCH_CASES
+    assert tuple(bench_startup.PY_JOBS) == options.STARTUP_PY_JOBS

@@ -2,8 +2,8 @@
 
 Each subcommand's options and entry point live in a light module (``add_parser`` and ``run``) that
 imports torch, onnx and the rest only when the command runs: ``tquant --version`` and every
-``--help`` answer without them (``tquant bench BENCH --help`` imports that benchmark), also on an
-install without the optional extras.
+``--help`` answer without them (``tquant bench BENCH --help`` too), also on an install without the
+optional extras.
 """
 
 from __future__ import annotations
