@@ -29,6 +29,8 @@ import tquant.kernels as K
 from tquant.kernels import triton_offline
 from tquant.kernels._triton import tl, triton
 
+from helpers import stand_in_ranges
+
 # (shape, how the view is made) of the inputs: 0-dim, 1-D, odd, large, a linear's and a conv's weight,
 # few wide rows, many narrow rows, transposed, strided, channels-last, permuted, broadcast and empty
 # tensors. Every layout runs the running-min/max QAT steps in fp32; the learned and synchronised
@@ -88,8 +90,7 @@ def qat_steps(qm, x: torch.Tensor, learned: bool = True, sync: bool = False) -> 
     xg = x.detach().requires_grad_(True)
     qm(xg).float().sum().backward()
     qm(x)
-    with torch.no_grad():  # the stubbed launches wrote no range: stand one in, so eval and learning may follow
-        qm.quantizer._delta.nan_to_num_(1.0)
+    stand_in_ranges(qm)  # so that eval and learned ranges may follow
     if sync:
         qm.sync_ranges = True
         qm(x)

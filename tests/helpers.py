@@ -69,3 +69,12 @@ def lane_device(lane: str) -> str:
     """Where a test runs a lane's kernels: the GPU for ``triton`` when there is one (else the interpreter, on
     CPU tensors), the CPU otherwise."""
     return "cuda" if lane == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def stand_in_ranges(model: torch.nn.Module) -> None:
+    """Give every quantizer of ``model`` (a manager counts) a range where it has none: under
+    ``triton_offline.offline`` the stubbed launches write none, and eval and ``learn_ranges`` need one."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tquant.QuantizationManager):
+                m.quantizer._delta.nan_to_num_(1.0)

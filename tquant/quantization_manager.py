@@ -246,9 +246,7 @@ class QuantizationManager(nn.Module):
                                      False, workspace=(est._workspace, est._arrivals))
         elif not q._initialized:  # the host's answer, settled at the change to eval / fixed / learned ranges
             raise QuantizerNotInitializedError(self.layer_name)
-        if q.group_len is not None or q.fmt != "int":
-            return q.fake_quant(x)
-        return kernels.fake_quant(x, q._delta, q._zero_float, q._signed, q.n_bits, q.symmetric, q.kernel_axis)
+        return q.fake_quant(x)
 
     def _estimate(self, x: torch.Tensor) -> None:
         """Range estimation off the fused path: search estimators, percentiles, synchronised ranges."""
